@@ -1,0 +1,46 @@
+"""Stage 1: the image autoencoder (AutoencoderKL) that stage 2 trains on top of, frozen.
+
+Loss as in the LDM paper's KL autoencoders, without the perceptual and adversarial
+terms: L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)), both per pixel.
+After training, `scaling_factor` is set to 1 / std of the latents so stage 2's diffusion
+sees unit-variance latents (the LDM paper, section 4.3.2 and appendix D.1; 0.18215 for KL-f8).
+"""
+import paddle
+import paddle.nn as nn
+from ppdiffusers import AutoencoderKL
+
+from ldm.model import evaluating, read_json, require_local, to_uint8
+
+
+def build_autoencoder(config_file: str) -> AutoencoderKL:
+    config = read_json(require_local(config_file, "--vae_config_file", "file"))
+    return AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+
+class AutoencoderTrainingModel(nn.Layer):
+    def __init__(self, vae: AutoencoderKL, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def forward(self, pixel_values=None, **kwargs):
+        posterior = self.vae.encode(pixel_values).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        rec_loss = (reconstruction - pixel_values).abs().mean()
+        pixels_per_image = pixel_values[0].numel().astype("float32")
+        kl_loss = posterior.kl().mean() / pixels_per_image
+        return rec_loss + self.kl_weight * kl_loss
+
+    @paddle.no_grad()
+    def log_images(self, batch, num_inference_steps: int = 0):
+        with evaluating(self):
+            out = self.vae(batch["pixel_values"], sample_posterior=False).sample
+        return {"reconstruction": to_uint8(out), "input": to_uint8(batch["pixel_values"])}
+
+    @paddle.no_grad()
+    def measure_scaling_factor(self, batches) -> float:
+        """1 / std of posterior samples over the given image batches."""
+        with evaluating(self):
+            latents = [self.vae.encode(b).latent_dist.sample() for b in batches]
+        std = float(paddle.concat(latents).std())
+        return 1.0 / max(std, 1e-8)

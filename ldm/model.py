@@ -1,0 +1,275 @@
+"""The latent diffusion model: frozen autoencoder + LDMBert + conditional UNet.
+
+Two ways in (SPEC section 4):
+  * `--model_name_or_path DIR`: a ppdiffusers LDMTextToImagePipeline directory (SPEC section 3);
+  * from scratch: `--vae_name_or_path DIR` (a trained autoencoder), `--text_encoder_config_file`,
+    `--unet_config_file` and `--tokenizer_name DIR`; UNet and LDMBert are then initialised
+    the way the PyTorch reference (CompVis latent-diffusion) initialises them.
+Nothing is ever downloaded: every path must be a local directory or file.
+"""
+import contextlib
+import json
+import os
+from typing import List, Optional
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from ppdiffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    LDMTextToImagePipeline,
+    UNet2DConditionModel,
+    VQModel,
+)
+from ppdiffusers.models.resnet import ResnetBlock2D
+from ppdiffusers.models.transformer_2d import Transformer2DModel
+from ppdiffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+from ppdiffusers.utils.initializer_utils import normal_, reset_initialized_parameter, zeros_
+
+# The noise schedule of the LDM paper's text-to-image models (and of the seed).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def require_local(path: Optional[str], flag: str, what: str = "directory") -> str:
+    """Stop at start-up, in one line, when a path is not local: this toolkit never downloads."""
+    if not path:
+        raise ValueError(f"{flag} is required: pass a local {what}")
+    exists = os.path.isdir(path) if what == "directory" else os.path.isfile(path)
+    if not exists:
+        raise ValueError(
+            f"{flag} {path!r} is not a local {what}; nothing is downloaded from a model hub, "
+            f"so pass a local {what} (e.g. one written by train_vae.py, python -m ldm.tokenizer, or a previous run)"
+        )
+    return path
+
+
+def read_json(path: str) -> dict:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_tokenizer(path: str, model_max_length: int):
+    """A BERT WordPiece tokenizer from a local directory holding vocab.txt."""
+    from paddlenlp.transformers import BertTokenizer
+
+    require_local(path, "--tokenizer_name")
+    if not os.path.isfile(os.path.join(path, "vocab.txt")):
+        raise ValueError(f"--tokenizer_name {path!r} has no vocab.txt; build one with: python -m ldm.tokenizer --file_list F --output_dir {path}")
+    return BertTokenizer.from_pretrained(path, model_max_length=model_max_length)
+
+
+def load_autoencoder(path: str):
+    """An AutoencoderKL or VQModel directory, chosen by the `_class_name` in its config.json."""
+    require_local(path, "--vae_name_or_path")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"--vae_name_or_path {path!r} has no config.json; pass a directory written by train_vae.py or a pipeline's vqvae/")
+    cls = VQModel if read_json(config_file).get("_class_name") == "VQModel" else AutoencoderKL
+    return cls.from_pretrained(path)
+
+
+def build_text_encoder(config_file: str, vocab_size: int, max_length: int) -> LDMBertModel:
+    """A fresh LDMBert whose vocabulary and positions follow the tokenizer and --model_max_length."""
+    config = read_json(require_local(config_file, "--text_encoder_config_file", "file"))
+    config.update(vocab_size=vocab_size, max_position_embeddings=max_length)
+    return LDMBertModel(LDMBertConfig(**config))
+
+
+def build_unet(config_file: str) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**read_json(require_local(config_file, "--unet_config_file", "file")))
+
+
+@paddle.no_grad()
+def init_like_reference(text_encoder: LDMBertModel, unet: UNet2DConditionModel) -> None:
+    """Initialise fresh weights the way the PyTorch reference does.
+
+    Paddle's defaults differ from torch's (Xavier for Linear, not kaiming-uniform(a=sqrt(5))),
+    so first reset every Conv/Linear/Embedding/Norm to torch's defaults
+    (ppdiffusers' `reset_initialized_parameter`: U(-1/sqrt(fan_in), 1/sqrt(fan_in))), then:
+      * LDMBert token and position embeddings ~ N(0, 0.02) (x-transformers' init in the reference);
+      * the UNet's output conv, each ResBlock's second conv and each spatial transformer's
+        output projection are zero, as `zero_module(...)` in CompVis' openaimodel.py makes them,
+        so every residual branch starts as the identity.
+    """
+    reset_initialized_parameter(text_encoder)
+    normal_(text_encoder.model.embed_tokens.weight, 0.0, 0.02)
+    normal_(text_encoder.model.embed_positions.weight, 0.0, 0.02)
+    reset_initialized_parameter(unet)
+    zeros_(unet.conv_out.weight)
+    zeros_(unet.conv_out.bias)
+    for _, layer in unet.named_sublayers():
+        if isinstance(layer, ResnetBlock2D):
+            zeros_(layer.conv2.weight)
+            zeros_(layer.conv2.bias)
+        if isinstance(layer, Transformer2DModel):
+            zeros_(layer.proj_out.weight)
+            zeros_(layer.proj_out.bias)
+
+
+@contextlib.contextmanager
+def evaluating(layer: nn.Layer):
+    """Eval mode inside the block, the previous mode after (paddle's train() takes no flag)."""
+    was_training = layer.training
+    layer.eval()
+    try:
+        yield layer
+    finally:
+        if was_training:
+            layer.train()
+
+
+def freeze(layer: nn.Layer) -> None:
+    layer.eval()
+    for p in layer.parameters():
+        p.stop_gradient = True
+
+
+class LatentDiffusionModel(nn.Layer):
+    """UNet and LDMBert trained jointly on the latents of a frozen autoencoder."""
+
+    def __init__(self, vae, text_encoder: LDMBertModel, unet: UNet2DConditionModel, tokenizer):
+        super().__init__()
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.tokenizer = tokenizer
+        freeze(self.vae)
+        # LDMBert's `to_logits` head is never used to embed text; freezing it keeps it out of
+        # the optimizer and keeps DataParallel from waiting on gradients that never come.
+        for p in self.text_encoder.to_logits.parameters():
+            p.stop_gradient = True
+        self.noise_scheduler = DDPMScheduler(**SCHEDULE)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        # Latent side = pixels / 2**(number of downsamplings in the autoencoder).
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_pipeline_dir(cls, path: str, model_max_length: int) -> "LatentDiffusionModel":
+        require_local(path, "--model_name_or_path")
+        for sub in ("vqvae", "bert", "tokenizer", "unet"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                raise ValueError(f"--model_name_or_path {path!r} has no {sub}/; pass a ppdiffusers LDMTextToImagePipeline directory")
+        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), model_max_length)
+        return cls(
+            load_autoencoder(os.path.join(path, "vqvae")),
+            LDMBertModel.from_pretrained(os.path.join(path, "bert")),
+            UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")),
+            tokenizer,
+        )
+
+    @classmethod
+    def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None):
+        # Validate every path before building anything large.
+        require_local(vae_path, "--vae_name_or_path")
+        require_local(text_encoder_config_file, "--text_encoder_config_file", "file")
+        require_local(unet_config_file, "--unet_config_file", "file")
+        tokenizer = load_tokenizer(tokenizer_path, model_max_length)
+        vae = load_autoencoder(vae_path)
+        if seed is not None:
+            paddle.seed(seed)
+        text_encoder = build_text_encoder(text_encoder_config_file, len(tokenizer), model_max_length)
+        unet = build_unet(unet_config_file)
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"--unet_config_file has in_channels={unet.config.in_channels} but the autoencoder makes {vae.config.latent_channels}-channel latents")
+        if unet.config.cross_attention_dim != text_encoder.config.d_model:
+            raise ValueError(f"--unet_config_file has cross_attention_dim={unet.config.cross_attention_dim} but LDMBert's d_model is {text_encoder.config.d_model}")
+        init_like_reference(text_encoder, unet)
+        return cls(vae, text_encoder, unet, tokenizer)
+
+    def trainable_parameters(self) -> List[paddle.Tensor]:
+        return [p for p in self.parameters() if not p.stop_gradient]
+
+    def enable_recompute(self) -> None:
+        """Recompute activations in backward (trades ~30% time for memory)."""
+        self.unet.enable_gradient_checkpointing()
+        self.text_encoder.model.gradient_checkpointing = True
+
+    # -- training ---------------------------------------------------------------------------
+
+    @paddle.no_grad()
+    def encode_latents(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        """Scaled latents of images in [-1, 1]; always float32 (the frozen encoder is not autocast)."""
+        with paddle.amp.auto_cast(enable=False):
+            pixel_values = pixel_values.astype("float32")
+            if isinstance(self.vae, VQModel):
+                latents = self.vae.encode(pixel_values).latents
+            else:
+                latents = self.vae.encode(pixel_values).latent_dist.sample()
+        return latents * self.scaling_factor
+
+    def forward(self, input_ids=None, pixel_values=None, **kwargs):
+        """The LDM objective: MSE between the true and predicted epsilon at a random timestep."""
+        self.vae.eval()
+        latents = self.encode_latents(pixel_values)
+        noise = paddle.randn(latents.shape, dtype=latents.dtype)
+        timesteps = paddle.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).astype("int64")
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = self.text_encoder(input_ids)[0]
+        noise_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        return F.mse_loss(noise_pred.astype("float32"), noise, reduction="mean")
+
+    # -- images for logging -----------------------------------------------------------------
+
+    @paddle.no_grad()
+    def reconstruct(self, pixel_values: paddle.Tensor) -> np.ndarray:
+        """Autoencoder round trip, NHWC uint8: shows what the latents can represent."""
+        latents = self.encode_latents(pixel_values) / self.scaling_factor
+        return to_uint8(self.vae.decode(latents).sample)
+
+    @paddle.no_grad()
+    def sample(self, input_ids: paddle.Tensor, num_inference_steps: int, guidance_scale: float, seed: int = 0) -> np.ndarray:
+        """DDIM samples for tokenized prompts, NHWC uint8, at the training resolution.
+
+        Unlike the stock pipeline (which always makes latents of height // 8) this uses the
+        autoencoder's real downsampling factor, so it is right for any autoencoder.
+        """
+        with evaluating(self):
+            return self._sample(input_ids, num_inference_steps, guidance_scale, seed)
+
+    def _sample(self, input_ids, num_inference_steps, guidance_scale, seed):
+        scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+        scheduler.set_timesteps(num_inference_steps)
+        cond = self.text_encoder(input_ids)[0]
+        uncond_ids = self.tokenizer([""] * input_ids.shape[0], padding="max_length", truncation=True, max_length=input_ids.shape[1], return_tensors="pd")["input_ids"]
+        uncond = self.text_encoder(uncond_ids)[0]
+        size = self.unet.config.sample_size
+        generator = paddle.Generator().manual_seed(seed)
+        latents = paddle.randn([input_ids.shape[0], self.unet.config.in_channels, size, size], generator=generator)
+        for t in scheduler.timesteps:
+            if guidance_scale == 1.0:
+                eps = self.unet(latents, t, encoder_hidden_states=cond).sample
+            else:
+                eps_u, eps_c = self.unet(paddle.concat([latents] * 2), t, encoder_hidden_states=paddle.concat([uncond, cond])).sample.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        return to_uint8(self.vae.decode(latents / self.scaling_factor).sample)
+
+    def log_images(self, batch, num_inference_steps: int):
+        """What the trainer logs at --image_logging_steps."""
+        return {
+            "reconstruction": self.reconstruct(batch["pixel_values"]),
+            "ddim-samples-1.0": self.sample(batch["input_ids"], num_inference_steps, 1.0),
+            "ddim-samples-7.5": self.sample(batch["input_ids"], num_inference_steps, 7.5),
+        }
+
+    # -- export -----------------------------------------------------------------------------
+
+    def to_pipeline(self) -> LDMTextToImagePipeline:
+        scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+        return LDMTextToImagePipeline(vqvae=self.vae, bert=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet, scheduler=scheduler)
+
+    def save_pipeline(self, output_dir: str) -> None:
+        """Write a directory that stock `LDMTextToImagePipeline.from_pretrained` loads (SPEC section 3)."""
+        self.to_pipeline().save_pretrained(output_dir)
+
+
+def to_uint8(images: paddle.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW tensor -> NHWC uint8 array."""
+    images = ((images.astype("float32") / 2 + 0.5).clip(0, 1) * 255).round()
+    return images.transpose([0, 2, 3, 1]).numpy().astype("uint8")
+

@@ -1,0 +1,56 @@
+"""Stage 1: train the image autoencoder on the same data stream, with the PaddleNLP Trainer."""
+import itertools
+from dataclasses import dataclass, field
+
+import paddle
+from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.utils.log import logger
+
+from ldm.args import DataArguments, LDMTrainingArguments
+from ldm.autoencoder import AutoencoderTrainingModel, build_autoencoder
+from ldm.data import TextImageStream, as_paddle_dataset
+from ldm.runtime import exit_on_bad_input, last_checkpoint, set_cpu_threads
+from ldm.trainer import StreamTrainer
+
+
+@dataclass
+class AutoencoderArguments:
+    vae_config_file: str = field(default="config/ldm_32l/vae.json", metadata={"help": "AutoencoderKL config JSON (config/<preset>/vae.json)."})
+    kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the per-pixel KL term against the per-pixel L1 reconstruction loss."})
+    scaling_batches: int = field(default=8, metadata={"help": "Batches encoded after training to measure the latents' std for scaling_factor."})
+
+
+def main():
+    # Parse arguments:
+    parser = PdArgumentParser((AutoencoderArguments, DataArguments, LDMTrainingArguments))
+    ae_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    set_cpu_threads(training_args.num_threads)
+    set_seed(training_args.seed)
+
+    # Create model and data:
+    try:
+        model = AutoencoderTrainingModel(build_autoencoder(ae_args.vae_config_file), ae_args.kl_weight)
+        stream = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed)
+    except ValueError as e:
+        exit_on_bad_input(e)
+    logger.info(f"Autoencoder parameters: {sum(p.size for p in model.parameters()) / 1e6:.2f}M")
+
+    # Train:
+    trainer = StreamTrainer(model=model, args=training_args, train_dataset=as_paddle_dataset(stream), image_logging_steps=training_args.image_logging_steps)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and not training_args.overwrite_output_dir:
+        resume = last_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+
+    # Measure the latent scale and save an AutoencoderKL directory:
+    if trainer.is_world_process_zero():
+        images = (paddle.to_tensor(r["pixel_values"][None]) for r in stream.records(stream.shard_stream(0, 1)))
+        batches = [paddle.concat(list(itertools.islice(images, training_args.per_device_train_batch_size))) for _ in range(ae_args.scaling_batches)]
+        scaling = model.measure_scaling_factor(batches)
+        model.vae.register_to_config(scaling_factor=scaling)
+        model.vae.save_pretrained(training_args.output_dir)
+        logger.info(f"Saved AutoencoderKL to {training_args.output_dir} (scaling_factor {scaling:.5f})")
+
+
+if __name__ == "__main__":
+    main()
