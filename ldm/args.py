@@ -29,7 +29,7 @@ class ModelArguments:
     )
     tokenizer_name: Optional[str] = field(
         default=None,
-        metadata={"help": "Local directory with a BERT WordPiece vocab.txt (build one with python -m ldm.tokenizer); defaults to <model_name_or_path>/tokenizer."},
+        metadata={"help": "From scratch: local directory with a BERT WordPiece vocab.txt (python -m ldm.tokenizer builds one); with --model_name_or_path its tokenizer/ is used instead."},
     )
     model_max_length: int = field(default=77, metadata={"help": "Tokens per caption: longer captions are truncated, shorter ones padded."})
     num_inference_steps: int = field(default=200, metadata={"help": "DDIM steps for the sample images logged during training."})
@@ -57,8 +57,9 @@ class LDMTrainingArguments(TrainingArguments):
 
 
 def resolve_tokenizer(model_args: ModelArguments) -> str:
-    if model_args.tokenizer_name:
-        return model_args.tokenizer_name
+    # As in the seed, a pipeline directory brings its own tokenizer, which wins.
     if model_args.model_name_or_path:
         return os.path.join(model_args.model_name_or_path, "tokenizer")
+    if model_args.tokenizer_name:
+        return model_args.tokenizer_name
     raise ValueError("--tokenizer_name is required from scratch: pass a local directory with vocab.txt (python -m ldm.tokenizer builds one)")

@@ -155,12 +155,10 @@ class LatentDiffusionModel(nn.Layer):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise ValueError(f"--model_name_or_path {path!r} has no {sub}/; pass a ppdiffusers LDMTextToImagePipeline directory")
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), model_max_length)
-        return cls(
-            load_autoencoder(os.path.join(path, "vqvae")),
-            LDMBertModel.from_pretrained(os.path.join(path, "bert")),
-            UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")),
-            tokenizer,
-        )
+        text_encoder = LDMBertModel.from_pretrained(os.path.join(path, "bert"))
+        if model_max_length > text_encoder.config.max_position_embeddings:
+            raise ValueError(f"--model_max_length {model_max_length} exceeds the text encoder's {text_encoder.config.max_position_embeddings} positions in {path}/bert; pass at most that")
+        return cls(load_autoencoder(os.path.join(path, "vqvae")), text_encoder, UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")), tokenizer)
 
     @classmethod
     def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None):

@@ -105,3 +105,37 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def parse_caption(caption):
+    """(shape, colour, background, position) of a caption written by caption_for, else None."""
+    words = caption.replace(",", "").split()
+    try:
+        colour, shape, background = words[1], words[2], words[5]
+        position = " ".join(words[7:])
+    except IndexError:
+        return None
+    if colour in COLOURS and background in COLOURS and shape in SHAPES and position in POSITIONS:
+        return shape, colour, background, position
+    return None
+
+
+def nearest_colour(rgb):
+    rgb = np.asarray(rgb, dtype=np.float64)
+    return min(COLOURS, key=lambda name: float(((np.asarray(COLOURS[name]) - rgb) ** 2).sum()))
+
+
+def follows_prompt(image, caption):
+    """(background matches, shape colour matches) for a generated image and its prompt.
+
+    The background is read from the image border, the shape's colour from a small patch
+    at the centre the caption's position names; each is snapped to the nearest palette colour.
+    """
+    _, colour, background, position = parse_caption(caption)
+    arr = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w, _ = arr.shape
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    cx, cy = POSITIONS[position]
+    x, y, r = int(cx * w), int(cy * h), max(1, w // 16)
+    patch = arr[y - r : y + r + 1, x - r : x + r + 1].reshape(-1, 3)
+    return nearest_colour(np.median(border, axis=0)) == background, nearest_colour(np.median(patch, axis=0)) == colour

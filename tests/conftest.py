@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny generated datasets and helpers that run the real scripts."""
+import base64
+import gzip
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(args, cwd=ROOT, timeout=600, env=None):
+    """Run a repo script or module with this interpreter; return the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def jpeg_b64(size=(48, 40), colour=(200, 30, 30), mode="RGB", fmt="JPEG"):
+    image = Image.new(mode, size, colour)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_part(path, lines):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+
+
+def write_lists(tmp_path, parts, weights=None, name="a"):
+    filelist = tmp_path / f"{name}.filelist"
+    filelist.write_text("\n".join(str(p) for p in parts) + "\n")
+    file_list = tmp_path / f"{name}.filelist.list"
+    file_list.write_text(f"{filelist}{'' if weights is None else ' ' + str(weights)}\n")
+    return str(file_list)
+
+
+def make_parts(tmp_path, num_parts, records_per_part, size=(40, 36)):
+    """Parts of valid records whose captions say where they come from."""
+    parts = []
+    for p in range(num_parts):
+        path = str(tmp_path / f"part-{p:05d}.gz")
+        write_part(path, [f"part {p} record {r}\t_\t{jpeg_b64(size)}" for r in range(records_per_part)])
+        parts.append(path)
+    return parts
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A small built-in shapes dataset and a tokenizer built from it (session-wide)."""
+    from ldm.sample_data import write_sample_dataset
+    from ldm.tokenizer import build_vocab, iter_captions, write_tokenizer
+
+    root = tmp_path_factory.mktemp("shapes")
+    file_list = write_sample_dataset(str(root / "data"), num_parts=2, records_per_part=64, size=40, seed=1)
+    tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), str(root / "tokenizer"), model_max_length=16)
+    return {"root": root, "file_list": file_list, "tokenizer": tokenizer}

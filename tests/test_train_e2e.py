@@ -1,0 +1,109 @@
+"""End to end: the real scripts on the tiny preset, asserting on what they wrote."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_script
+
+
+def vdl_tags(logdir):
+    """{tag: number of records} over every VisualDL file under logdir."""
+    from visualdl import LogReader
+
+    tags = {}
+    for dirpath, _, files in os.walk(logdir):
+        for name in files:
+            if name.startswith("vdlrecords"):
+                reader = LogReader(file_path=os.path.join(dirpath, name))
+                for kind, names in reader.get_tags().items():
+                    for tag in names:
+                        tags[tag] = tags.get(tag, 0) + len(reader.get_data(kind, tag))
+    return tags
+
+
+@pytest.fixture(scope="module")
+def vae_dir(shapes):
+    out = shapes["root"] / "vae"
+    res = run_script(["train_vae.py", "--do_train", "--file_list", shapes["file_list"], "--output_dir", str(out),
+                      "--resolution", "32", "--max_steps", "6", "--vae_config_file", "config/tiny/vae.json",
+                      "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
+                      "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_stage1_writes_a_loadable_autoencoder_with_measured_scale(vae_dir):
+    from ppdiffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    scale = vae.config.scaling_factor
+    assert np.isfinite(scale) and scale > 0 and abs(scale - 0.18215) > 1e-4
+    assert sorted(os.listdir(vae_dir)).count("checkpoint-6") == 1
+    assert any(t.startswith("reconstruction") for t in vdl_tags(str(vae_dir)))
+
+
+def ldm_args(shapes, vae_dir, out, max_steps, extra=()):
+    return ["train_txt2img_laion400m_trainer.py", "--do_train", "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+            "--weight_decay", "0.02", "--max_steps", str(max_steps), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+            "--logging_steps", "2", "--save_steps", "4", "--save_total_limit", "2", "--seed", "23",
+            "--dataloader_num_workers", "1", "--vae_name_or_path", str(vae_dir),
+            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+            "--file_list", shapes["file_list"], "--num_inference_steps", "3", "--model_max_length", "16",
+            "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def ldm_run(shapes, vae_dir):
+    out = shapes["root"] / "ldm"
+    res = run_script(ldm_args(shapes, vae_dir, out, 8))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_stage2_checkpoints_logs_and_pipeline(ldm_run):
+    out, _ = ldm_run
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-8"]
+    tags = vdl_tags(str(out))
+    assert any("loss" in t for t in tags), tags
+    assert any("images_per_second" in t for t in tags), tags
+    assert any("learning_rate" in t for t in tags), tags
+    assert any(t.startswith("ddim-samples-7.5") for t in tags) and any(t.startswith("reconstruction") for t in tags)
+    state = json.load(open(out / "checkpoint-8" / "trainer_state.json"))
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses and all(np.isfinite(losses))
+
+
+def test_final_output_loads_in_stock_pipeline(ldm_run):
+    import paddle
+    from ppdiffusers import LDMTextToImagePipeline
+
+    out, _ = ldm_run
+    pipe = LDMTextToImagePipeline.from_pretrained(str(out))
+    latent = pipe.unet.config.sample_size
+    images = pipe(["a red circle on a blue background, in the middle"], height=latent * 8, width=latent * 8,
+                  num_inference_steps=3, generator=paddle.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_rerun_resumes_from_newest_checkpoint(shapes, vae_dir, ldm_run):
+    out, _ = ldm_run
+    res = run_script(ldm_args(shapes, vae_dir, out, 10))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-8'}" in res.stdout + res.stderr
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-10", "checkpoint-8"]
+    state = json.load(open(out / "checkpoint-10" / "trainer_state.json"))
+    assert state["global_step"] == 10
+
+
+def test_loss_falls_over_a_short_run(shapes, vae_dir, tmp_path):
+    """Zero-initialised outputs predict eps = 0, so the loss starts near E[eps^2] = 1 and must fall."""
+    out = tmp_path / "learn"
+    res = run_script(ldm_args(shapes, vae_dir, out, 40, ["--save_steps", "40", "--image_logging_steps", "0", "--logging_steps", "5"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.load(open(out / "checkpoint-40" / "trainer_state.json"))
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert 0.8 < losses[0] < 1.3, losses
+    assert np.mean(losses[-2:]) < 0.75 * losses[0], losses
