@@ -2,10 +2,10 @@
 from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, resolve_tokenizer
+from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments
 from ldm.data import TextImageStream, as_paddle_dataset
-from ldm.model import LatentDiffusionModel
-from ldm.runtime import exit_on_bad_input, last_checkpoint, set_cpu_threads
+from ldm.model import create_model
+from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_startup, set_cpu_threads
 from ldm.trainer import StreamTrainer
 
 
@@ -18,43 +18,25 @@ def main():
 
     # Create model and data (bad paths stop here, before any training):
     try:
-        tokenizer_dir = resolve_tokenizer(model_args)
-        if model_args.model_name_or_path:
-            model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length)
-        else:
-            model = LatentDiffusionModel.from_scratch(
-                model_args.vae_name_or_path, model_args.text_encoder_config_file, model_args.unet_config_file,
-                tokenizer_dir, model_args.model_max_length, seed=training_args.seed,
-            )
+        model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute)
         stream = TextImageStream(
             data_args.file_list, data_args.resolution, model.tokenizer, model_args.model_max_length,
             model_args.caption_dropout, data_args.shuffle_buffer, training_args.seed,
         )
     except ValueError as e:
         exit_on_bad_input(e)
-    if training_args.recompute:
-        model.enable_recompute()
-    latent = data_args.resolution // model.vae_scale
-    if model.unet.config.sample_size != latent:
-        # The UNet config's sample_size is what samplers use to size latents; keep it true.
-        model.unet.register_to_config(sample_size=latent)
-    logger.info(
-        f"Trainable parameters: {sum(p.size for p in model.trainable_parameters()) / 1e6:.1f}M; "
-        f"latents {model.unet.config.in_channels}x{latent}x{latent}; CPU threads {threads}; "
-        f"total train batch size (per device x accumulation x world) = "
-        f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size}"
-    )
+    log_startup(model, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
+                training_args.world_size, training_args.dataloader_num_workers, threads, stream)
 
     # Train (re-running the same command continues from the newest checkpoint):
-    trainer = StreamTrainer(
-        model=model, args=training_args, train_dataset=as_paddle_dataset(stream),
-        image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
-    )
-    resume = training_args.resume_from_checkpoint
-    if resume is None and not training_args.overwrite_output_dir:
-        resume = last_checkpoint(training_args.output_dir)
-        if resume:
-            logger.info(f"Resuming from {resume}")
+    try:
+        resume = checkpoint_to_resume(training_args)
+        trainer = StreamTrainer(
+            model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
+            image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
+        )
+    except ValueError as e:
+        exit_on_bad_input(e)
     trainer.train(resume_from_checkpoint=resume)
 
     # Save the final model as a ppdiffusers pipeline directory:

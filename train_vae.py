@@ -9,7 +9,7 @@ from paddlenlp.utils.log import logger
 from ldm.args import DataArguments, LDMTrainingArguments
 from ldm.autoencoder import AutoencoderTrainingModel, build_autoencoder
 from ldm.data import TextImageStream, as_paddle_dataset
-from ldm.runtime import exit_on_bad_input, last_checkpoint, set_cpu_threads
+from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, set_cpu_threads
 from ldm.trainer import StreamTrainer
 
 

@@ -63,3 +63,35 @@ def resolve_tokenizer(model_args: ModelArguments) -> str:
     if model_args.tokenizer_name:
         return model_args.tokenizer_name
     raise ValueError("--tokenizer_name is required from scratch: pass a local directory with vocab.txt (python -m ldm.tokenizer builds one)")
+
+
+@dataclass
+class LoopArguments:
+    """Flags of train_txt2img_laion400m_no_trainer.py (the seed's no-trainer names)."""
+
+    output_dir: str = field(default="./laion400m_pretrain_output_no_trainer", metadata={"help": "Checkpoints, VisualDL logs (runs/) and the final pipeline directory."})
+    pretrained_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Local pipeline directory to continue from (as --model_name_or_path of the Trainer script)."})
+    train_batch_size: int = field(default=16, metadata={"help": "Images per device per forward pass."})
+    gradient_accumulation_steps: int = field(default=2, metadata={"help": "Forward passes per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW's peak learning rate."})
+    adam_weight_decay: float = field(default=0.02, metadata={"help": "AdamW's decoupled weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW's first-moment decay."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's second-moment decay."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW's denominator epsilon."})
+    max_grad_norm: float = field(default=-1.0, metadata={"help": "Clip the global gradient norm to this; -1 disables clipping."})
+    max_train_steps: int = field(default=1000000000, metadata={"help": "Optimizer steps to train for (the data stream is endless)."})
+    lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from 0 to --learning_rate."})
+    logging_steps: int = field(default=50, metadata={"help": "Log loss, learning rate, images/s and data skips every this many optimizer steps."})
+    save_steps: int = field(default=5000, metadata={"help": "Write a checkpoint every this many optimizer steps."})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep only the newest this many checkpoints; unset keeps all."})
+    seed: int = field(default=23, metadata={"help": "Seeds model init, noise, timesteps and the data stream's order."})
+    num_workers: int = field(default=6, metadata={"help": "Data worker processes per device; 0 reads in the training process."})
+    image_logging_steps: int = field(default=1000, metadata={"help": "Log reconstructions and DDIM samples every this many optimizer steps; 0 turns it off."})
+    fp16: bool = field(default=False, metadata={"help": "Mixed precision (float16 autocast with dynamic loss scaling; the autoencoder stays float32). GPU only."})
+    recompute: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses every core this process may run on."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory to resume from; by default the newest complete one in --output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh even if --output_dir holds checkpoints."})

@@ -12,10 +12,11 @@ How the stream is cut into shards (STYLE 7: one visible, deterministic rule):
     * every pass, the units are permuted with a seed shared by all shards, then dealt
       by stride: shard s reads units s, s+S, s+2S, ...  Every unit belongs to exactly
       one shard, so every readable record is read exactly once per pass.
-Within a shard each filelist is an endless sequence of passes, and records go
-through a shuffle buffer (raw lines, so decoding happens after the shuffle); the
+Within a shard each filelist is an endless sequence of passes; each unit is read in
+windows of --shuffle_buffer lines that are permuted before they are decoded, and the
 filelists are interleaved by weight. Every random choice is a pure function of
-(seed, pass, rank, worker), so two runs with the same settings see the same stream.
+(seed, pass, rank, worker), so two runs with the same settings see the same stream, and
+the position in it is a few integers that checkpoints save (exact resume).
 
 Bad data never stops the stream: each skipped record or part is counted by reason.
 """
@@ -33,7 +34,7 @@ import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -241,71 +242,92 @@ class RawRecord:
     list_index: int
 
 
-def shuffle_buffer(items: Iterator[RawRecord], size: int, rng: np.random.Generator) -> Iterator[RawRecord]:
-    """Classic reservoir-style shuffle buffer; flushes in random order at the end."""
-    buffer: List[RawRecord] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
+# A shard's position in one filelist: (pass, unit position in the pass's order, window of
+# the unit, records of the window already yielded). Four integers, so it travels with
+# every sample and a checkpoint can store exactly where each worker's stream stood.
+CURSOR_FIELDS = 4
+
+
+def unit_windows(unit: Unit, window: int, skips: SkipCounter, first_window: int = 0) -> Iterator[List[Tuple[int, bytes]]]:
+    """The unit's lines in consecutive windows of `window` lines; lines of windows before
+    `first_window` are read past without being kept (how a resumed stream catches up)."""
+    batch: List[Tuple[int, bytes]] = []
+    for n, (line_no, raw) in enumerate(iter_unit_lines(unit, skips)):
+        if n < first_window * window:
             continue
-        j = int(rng.integers(size))
-        yield buffer[j]
-        buffer[j] = item
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
+        batch.append((line_no, raw))
+        if len(batch) == window:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class ShardStream:
-    """The endless record stream of one shard (one rank's one dataloader worker)."""
+    """The endless record stream of one shard (one rank's one dataloader worker).
 
-    def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, buffer_size: int):
+    Shuffling is by window: `window` consecutive lines of a unit are read, permuted, and
+    yielded, so the stream's position is four small integers per filelist (see
+    CURSOR_FIELDS) and resuming re-reads at most one window per filelist.
+    """
+
+    def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, window: int, state: Optional[np.ndarray] = None):
         self.entries = entries
         self.shard = shard
         self.num_shards = num_shards
         self.seed = seed
-        self.buffer_size = buffer_size
+        self.window = max(1, window)
         self.skips = SkipCounter()
         self.units = [make_units(e.parts, num_shards) for e in entries]
         weights = np.array([e.weight for e in entries], dtype=np.float64)
         self.cum_weights = np.cumsum(weights / weights.sum())
+        # state = [draws, cursor of filelist 0, cursor of filelist 1, ...]
+        self.state = np.zeros(1 + CURSOR_FIELDS * len(entries), dtype="int64") if state is None else np.array(state, dtype="int64")
+        if self.state.shape != (1 + CURSOR_FIELDS * len(entries),):
+            raise ValueError(f"saved data position has {self.state.size} numbers, expected {1 + CURSOR_FIELDS * len(entries)}: the --file_list changed since the checkpoint")
 
-    def one_pass(self, list_index: int, pass_index: int) -> Iterator[RawRecord]:
-        units = shard_units(self.units[list_index], self.num_shards, self.shard, self.seed, list_index, pass_index)
+    def cursor(self, list_index: int) -> np.ndarray:
+        return self.state[1 + CURSOR_FIELDS * list_index : 1 + CURSOR_FIELDS * (list_index + 1)]
 
-        def lines():
-            for unit in units:
-                for line_no, raw in iter_unit_lines(unit, self.skips):
-                    yield RawRecord(unit.part, line_no, raw, pass_index, list_index)
-
-        rng = np.random.default_rng([self.seed, list_index, pass_index, self.shard, 1])
-        return shuffle_buffer(lines(), self.buffer_size, rng)
-
-    def endless(self, list_index: int) -> Iterator[RawRecord]:
-        pass_index = 0
+    def list_stream(self, list_index: int) -> Iterator[RawRecord]:
+        """One filelist's endless stream for this shard, starting at its saved cursor."""
+        cursor = self.cursor(list_index)  # a view: advancing it advances self.state
         while True:
+            pass_index = int(cursor[0])
+            units = shard_units(self.units[list_index], self.num_shards, self.shard, self.seed, list_index, pass_index)
+            resumed_midway = bool(cursor[1:].any())
             got_any = False
-            for rec in self.one_pass(list_index, pass_index):
-                got_any = True
-                yield rec
-            if not got_any:
-                return  # nothing readable for this shard in this filelist: end it, never spin
-            pass_index += 1
+            for unit_pos in range(int(cursor[1]), len(units)):
+                for w, window in enumerate(unit_windows(units[unit_pos], self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
+                    order = np.random.default_rng([self.seed, list_index, pass_index, self.shard, unit_pos, w]).permutation(len(window))
+                    for k in range(int(cursor[3]), len(order)):
+                        line_no, raw = window[order[k]]
+                        cursor[:] = (pass_index, unit_pos, w, k + 1)
+                        got_any = True
+                        yield RawRecord(units[unit_pos].part, line_no, raw, pass_index, list_index)
+                    cursor[2:] = (w + 1, 0)
+                cursor[1:] = (unit_pos + 1, 0, 0)
+            if not got_any and not resumed_midway:
+                return  # a whole pass with nothing readable for this shard: end it, never spin
+            cursor[:] = (pass_index + 1, 0, 0, 0)
 
     def __iter__(self) -> Iterator[RawRecord]:
-        """Interleave the filelists' endless streams, drawing a filelist by weight."""
-        streams = [self.endless(i) for i in range(len(self.entries))]
+        """Interleave the filelists' streams, drawing a filelist by weight (draw k is seeded by k)."""
+        streams = [self.list_stream(i) for i in range(len(self.entries))]
         alive = list(range(len(streams)))
-        rng = np.random.default_rng([self.seed, self.shard, 2])
         while alive:
+            rng = np.random.default_rng([self.seed, self.shard, 2, int(self.state[0])])
             if len(alive) == len(streams):
-                i = int(np.searchsorted(self.cum_weights, rng.random(), side="right"))
-                i = min(i, len(streams) - 1)
+                i = min(int(np.searchsorted(self.cum_weights, rng.random(), side="right")), len(streams) - 1)
             else:
                 i = alive[int(rng.integers(len(alive)))]
             try:
-                yield next(streams[i])
+                rec = next(streams[i])
             except StopIteration:
                 alive.remove(i)
+                continue
+            self.state[0] += 1
+            yield rec
 
 
 def current_rank_and_world() -> Tuple[int, int]:
@@ -327,10 +349,11 @@ def _worker():
 
 
 class TextImageStream:
-    """IterableDataset of {"pixel_values", "input_ids", "skips", "worker"} for training.
+    """IterableDataset of {"pixel_values", "input_ids", "skips", "worker", "position"} for training.
 
-    `skips` carries this worker's cumulative skip counts (by SKIP_REASONS) so the
-    training loop can sum them across workers and ranks and log them.
+    Besides the sample, each item carries its worker's cumulative skip counts (by
+    SKIP_REASONS) and the worker's stream position just after it, so the training loop
+    can log the skips and checkpoint exactly where every worker stood (`resume`).
     """
 
     def __init__(
@@ -355,10 +378,30 @@ class TextImageStream:
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
+        self.resume_state = None
+
+    def resume(self, state: dict, num_workers: int) -> None:
+        """Continue from a position saved by the trainer (see ldm.trainer.StreamProgress).
+
+        The position is per (rank, worker) shard, so it only means the same thing with the
+        same world size and number of dataloader workers; with others, start the stream afresh.
+        """
+        if state["world_size"] != self.world_size or state["num_workers"] != max(1, num_workers):
+            raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes x {state['num_workers']} dataloader workers, "
+                             f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start the data stream afresh")
+        self.resume_state = state
 
     def shard_stream(self, worker: int, num_workers: int) -> ShardStream:
         shard = self.rank * num_workers + worker
-        return ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size)
+        state, skips = None, None
+        if self.resume_state is not None:
+            saved = self.resume_state["workers"].get(str(worker))
+            if saved is not None:
+                state, skips = saved["position"], saved["skips"]
+        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state)
+        if skips is not None:
+            stream.skips.update(dict(zip(SKIP_REASONS, skips)))
+        return stream
 
     def records(self, stream: ShardStream) -> Iterator[dict]:
         """Decoded records of one shard: dicts with part, line, caption and image."""
@@ -376,16 +419,61 @@ class TextImageStream:
         return np.asarray(ids, dtype="int64")
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        loader_worker, num_workers = _worker()
+        # After a resume the DataLoader starts its round-robin at loader worker 0, but the
+        # uninterrupted run would next have read from worker (batches consumed % workers):
+        # rotate the roles so the batches come in exactly the same order.
+        offset = 0 if self.resume_state is None else int(self.resume_state["batches"]) % num_workers
+        worker = (loader_worker + offset) % num_workers
         stream = self.shard_stream(worker, num_workers)
-        # Caption dropout for classifier-free guidance, seeded per shard like everything else.
-        rng = np.random.default_rng([self.seed, stream.shard, 3])
         for rec in self.records(stream):
-            sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker)}
+            sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker), "position": stream.state.copy()}
             if self.tokenizer is not None:
-                caption = "" if rng.random() < self.caption_dropout else rec["caption"]
-                sample["input_ids"] = self.tokenize(caption)
+                # Caption dropout for classifier-free guidance, seeded by the record's place in the stream.
+                drop = np.random.default_rng([self.seed, stream.shard, int(stream.state[0]), 3]).random() < self.caption_dropout
+                sample["input_ids"] = self.tokenize("" if drop else rec["caption"])
             yield sample
+
+
+class StreamProgress:
+    """Where each dataloader worker's stream stood after the last consumed sample, and its skips.
+
+    Filled from the bookkeeping each sample carries (ldm.data.TextImageStream); saved with
+    every checkpoint so a resumed run reads exactly the records the uninterrupted run would.
+    """
+
+    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None):
+        self.world_size = world_size
+        self.num_workers = max(1, num_workers)
+        self.batches = 0
+        self.workers: Dict[int, dict] = {}
+        if resumed:
+            self.batches = int(resumed["batches"])
+            self.workers = {int(w): v for w, v in resumed["workers"].items()}
+
+    def update(self, skips, worker, position) -> None:
+        self.batches += 1
+        skips, worker, position = skips.numpy(), worker.numpy(), position.numpy()
+        for i in range(len(worker)):
+            # Within a batch and across batches a worker's position only grows; keep the last.
+            self.workers[int(worker[i])] = {"position": position[i].tolist(), "skips": skips[i].tolist()}
+
+    def state_dict(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
+                "workers": {str(w): v for w, v in sorted(self.workers.items())}}
+
+    def skip_totals(self) -> Dict[str, int]:
+        """Skip counts summed over this rank's workers and then over all ranks."""
+        import paddle
+        import paddle.distributed as dist
+
+        local = np.zeros(len(SKIP_REASONS), "int64")
+        for v in self.workers.values():
+            local += np.asarray(v["skips"], dtype="int64")
+        total = paddle.to_tensor(local)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return {f"skipped_{r}": int(v) for r, v in zip(SKIP_REASONS, total.numpy())}
 
 
 def as_paddle_dataset(stream: TextImageStream):
@@ -443,8 +531,8 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=0, help="Which rank's shards to print (0 .. world_size-1).")
     parser.add_argument("--world_size", type=int, default=1, help="Number of training processes the data is sharded over.")
     parser.add_argument("--num_workers", type=int, default=0, help="Dataloader workers per rank; 0 means the main process reads (one shard).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the part order and shuffle buffer.")
-    parser.add_argument("--buffer_size", type=int, default=1000, help="Records held in the shuffle buffer.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the part order and the shuffle.")
+    parser.add_argument("--buffer_size", type=int, default=1000, help="Lines read and shuffled together (--shuffle_buffer of the training scripts).")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")

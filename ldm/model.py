@@ -271,3 +271,25 @@ def to_uint8(images: paddle.Tensor) -> np.ndarray:
     images = ((images.astype("float32") / 2 + 0.5).clip(0, 1) * 255).round()
     return images.transpose([0, 2, 3, 1]).numpy().astype("uint8")
 
+
+
+def create_model(model_args, resolution: int, seed: int, recompute: bool = False) -> LatentDiffusionModel:
+    """The model both training scripts train: from a pipeline directory, or from scratch."""
+    from ldm.args import resolve_tokenizer
+
+    if model_args.model_name_or_path:
+        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length)
+    else:
+        model = LatentDiffusionModel.from_scratch(
+            model_args.vae_name_or_path, model_args.text_encoder_config_file, model_args.unet_config_file,
+            resolve_tokenizer(model_args), model_args.model_max_length, seed=seed,
+        )
+    if resolution % model.vae_scale:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling factor {model.vae_scale}")
+    latent = resolution // model.vae_scale
+    if model.unet.config.sample_size != latent:
+        # Samplers size their latents from the UNet config's sample_size; keep it true.
+        model.unet.register_to_config(sample_size=latent)
+    if recompute:
+        model.enable_recompute()
+    return model

@@ -25,10 +25,30 @@ def exit_on_bad_input(error: Exception) -> None:
     sys.exit(2)
 
 
-def last_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest complete `checkpoint-N` in output_dir (the Trainer's layout), or None."""
+def checkpoint_to_resume(training_args) -> Optional[str]:
+    """--resume_from_checkpoint if given; else, unless --overwrite_output_dir, the newest
+    `checkpoint-N` in --output_dir, so re-running the same command continues the run."""
     from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+    from paddlenlp.utils.log import logger
 
-    if not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and not training_args.overwrite_output_dir and os.path.isdir(training_args.output_dir):
+        resume = get_last_checkpoint(training_args.output_dir)
+    if resume:
+        if not os.path.isdir(resume):
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a directory")
+        logger.info(f"Resuming from {resume}")
+    return resume
+
+
+def log_startup(model, per_device_batch: int, accumulation: int, world_size: int, num_workers: int, threads: int, stream=None) -> None:
+    """What a user checks first: sizes, effective batch, and how the data is sharded (STYLE 11)."""
+    from paddlenlp.utils.log import logger
+
+    trainable = sum(p.size for p in model.parameters() if not p.stop_gradient)
+    logger.info(f"Trainable parameters: {trainable / 1e6:.2f}M; CPU threads per process: {threads}")
+    logger.info(f"Total train batch size (per device {per_device_batch} x accumulation {accumulation} x world {world_size}) = {per_device_batch * accumulation * world_size}")
+    if stream is not None:
+        shards = world_size * max(1, num_workers)
+        parts = sum(len(e.parts) for e in stream.entries)
+        logger.info(f"Data: {len(stream.entries)} filelist(s), {parts} part(s), {shards} shard(s) = {world_size} rank(s) x {max(1, num_workers)} worker(s); this rank reads shards {stream.rank * max(1, num_workers)}..{(stream.rank + 1) * max(1, num_workers) - 1}")

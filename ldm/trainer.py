@@ -8,6 +8,8 @@ Where the stock Trainer falls short and what we add (each in one small method):
   * `_maybe_log_save_evaluate`: at `--image_logging_steps`, reconstructions and DDIM samples
     go to VisualDL (the stock VisualDL callback logs scalars only).
 """
+import json
+import os
 from typing import Dict, Optional
 
 import numpy as np
@@ -17,43 +19,35 @@ from paddle.io import DataLoader
 from paddlenlp.trainer import Trainer
 from paddlenlp.utils.log import logger
 
-from ldm.data import SKIP_REASONS
+from ldm.checkpoint import data_position_file, load_data_position
+from ldm.data import StreamProgress
+from ldm.logger import RunLogger
 
 
 def _unwrap(model):
     return model._layers if isinstance(model, paddle.DataParallel) else model
 
 
-class SkipTally:
-    """Latest cumulative skip counts per dataloader worker, summed over workers and ranks on demand."""
-
-    def __init__(self):
-        self.per_worker: Dict[int, np.ndarray] = {}
-
-    def update(self, skips: paddle.Tensor, worker: paddle.Tensor) -> None:
-        skips, worker = skips.numpy(), worker.numpy()
-        for w in np.unique(worker):
-            latest = skips[worker == w].max(axis=0)
-            self.per_worker[int(w)] = np.maximum(self.per_worker.get(int(w), latest), latest)
-
-    def totals(self) -> Dict[str, int]:
-        local = sum(self.per_worker.values()) if self.per_worker else np.zeros(len(SKIP_REASONS), "int64")
-        total = paddle.to_tensor(np.asarray(local, dtype="int64"))
-        if dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return {f"skipped_{r}": int(v) for r, v in zip(SKIP_REASONS, total.numpy())}
-
-
 class StreamTrainer(Trainer):
     """Trainer for any model here whose forward(**batch) returns the loss and has log_images(batch, steps)."""
 
-    def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, **kwargs):
+    def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, resume_from: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_logging_steps = image_logging_steps
         self.num_inference_steps = num_inference_steps
-        self.skip_tally = SkipTally()
         self._last_batch = None
         self._image_writer = None
+        # Resume the data stream from the checkpoint's saved position, not by replaying
+        # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
+        # RNG state ourselves before the first step (the Trainer only does so when it skips).
+        rank = max(0, dist.get_rank())
+        saved = load_data_position(resume_from, rank) if resume_from and not self.args.ignore_data_skip else None
+        if saved is not None:
+            self.train_dataset.stream.resume(saved, self.args.dataloader_num_workers)
+            self.args.ignore_data_skip = True
+            logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
+        self.progress = StreamProgress(self.train_dataset.stream.world_size, self.args.dataloader_num_workers, saved)
+        self._rng_checkpoint = resume_from if saved is not None else None
 
     def get_train_dataloader(self):
         return DataLoader(
@@ -63,8 +57,14 @@ class StreamTrainer(Trainer):
             drop_last=True,
         )
 
+    def training_step(self, model, inputs):
+        if self._rng_checkpoint is not None:
+            self._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint = None
+        return super().training_step(model, inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False):
-        self.skip_tally.update(inputs.pop("skips"), inputs.pop("worker"))
+        self.progress.update(inputs.pop("skips"), inputs.pop("worker"), inputs.pop("position"))
         self._last_batch = inputs
         loss = model(**inputs)
         return (loss, None) if return_outputs else loss
@@ -72,8 +72,16 @@ class StreamTrainer(Trainer):
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "interval_samples_per_second" in logs:
             logs["images_per_second"] = logs["interval_samples_per_second"]
-            logs.update(self.skip_tally.totals())
+            logs.update(self.progress.skip_totals())
         super().log(logs, **kwargs)
+
+    def _save_checkpoint(self, model, metrics=None):
+        super()._save_checkpoint(model, metrics=metrics)
+        # Every rank saves its own workers' data position beside the Trainer's files.
+        checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        with open(data_position_file(checkpoint_dir, max(0, dist.get_rank())), "w") as f:
+            json.dump(self.progress.state_dict(), f)
 
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
@@ -87,23 +95,6 @@ class StreamTrainer(Trainer):
             return
         batch = {k: v[:8] for k, v in self._last_batch.items()}
         if self._image_writer is None:
-            from visualdl import LogWriter
-
-            self._image_writer = LogWriter(logdir=self.args.logging_dir, file_name="vdlrecords.images.log")
-        images = _unwrap(self.model).log_images(batch, self.num_inference_steps)
-        for tag, array in images.items():
-            self._image_writer.add_image(tag, grid(array), step)
-        self._image_writer.flush()
+            self._image_writer = RunLogger(self.args.logging_dir, file_name="vdlrecords.images.log")
+        self._image_writer.images(_unwrap(self.model).log_images(batch, self.num_inference_steps), step)
         logger.info(f"step {step}: logged reconstructions and DDIM samples to {self.args.logging_dir}")
-
-
-def grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
-    """NHWC uint8 images tiled into one HWC image (VisualDL's add_image takes one image)."""
-    n, h, w, c = images.shape
-    columns = columns or n
-    rows = -(-n // columns)
-    out = np.zeros((rows * h, columns * w, c), dtype=images.dtype)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        out[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
-    return out

@@ -164,7 +164,31 @@ def test_weighted_filelists_are_drawn_by_weight(tmp_path):
     (tmp_path / "a.filelist").write_text(a[0] + "\n")
     (tmp_path / "b.filelist").write_text(b[0] + "\n")
     (tmp_path / "w.list").write_text(f"{tmp_path / 'a.filelist'} 3\n{tmp_path / 'b.filelist'} 1\n")
-    stream = data.ShardStream(data.read_file_list(str(tmp_path / "w.list")), 0, 1, seed=0, buffer_size=4)
+    stream = data.ShardStream(data.read_file_list(str(tmp_path / "w.list")), 0, 1, seed=0, window=4)
     drawn = [rec.list_index for _, rec in zip(range(400), stream)]
     share_a = drawn.count(0) / len(drawn)
     assert 0.68 < share_a < 0.82
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 13, 29, 57])
+def test_stream_resumes_exactly_from_a_saved_position(tmp_path, cut):
+    """Restarting a shard from the position after record `cut` yields what the uninterrupted stream yields next."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = make_parts(tmp_path / "a", 3, 7), make_parts(tmp_path / "b", 2, 5)
+    (tmp_path / "a.filelist").write_text("\n".join(a) + "\n")
+    (tmp_path / "b.filelist").write_text("\n".join(b) + "\n")
+    (tmp_path / "w.list").write_text(f"{tmp_path / 'a.filelist'} 2\n{tmp_path / 'b.filelist'}\n")
+    entries = data.read_file_list(str(tmp_path / "w.list"))
+
+    def take(stream, n):
+        out = []
+        for rec in stream:
+            out.append((rec.part, rec.line, rec.pass_index))
+            if len(out) == n:
+                return out, stream.state.copy()
+
+    full, _ = take(data.ShardStream(entries, 1, 2, seed=3, window=3), 80)
+    head, state = take(data.ShardStream(entries, 1, 2, seed=3, window=3), cut) if cut else ([], None)
+    tail, _ = take(data.ShardStream(entries, 1, 2, seed=3, window=3, state=state), 80 - cut)
+    assert head + tail == full

@@ -107,3 +107,21 @@ def test_loss_falls_over_a_short_run(shapes, vae_dir, tmp_path):
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert 0.8 < losses[0] < 1.3, losses
     assert np.mean(losses[-2:]) < 0.75 * losses[0], losses
+
+
+def test_resumed_run_reads_exactly_the_records_of_an_uninterrupted_one(shapes, vae_dir, tmp_path):
+    """Stop after 3 of 8 steps and re-run: the data positions (and skips) at step 8 match a straight run.
+
+    3 is odd on purpose: the resumed DataLoader must start its round-robin at the second worker."""
+    extra = ["--dataloader_num_workers", "2", "--image_logging_steps", "0", "--save_steps", "1", "--shuffle_buffer", "16"]
+    straight = tmp_path / "straight"
+    res = run_script(ldm_args(shapes, vae_dir, straight, 8, extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    split = tmp_path / "split"
+    for steps in (3, 8):
+        res = run_script(ldm_args(shapes, vae_dir, split, steps, extra))
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert "Data stream resumes at the position saved in" in res.stdout + res.stderr
+    a = json.load(open(straight / "checkpoint-8" / "data_position_rank0.json"))
+    b = json.load(open(split / "checkpoint-8" / "data_position_rank0.json"))
+    assert a == b and a["batches"] == 8 and len(a["workers"]) == 2

@@ -1,0 +1,125 @@
+"""Checkpoints of the explicit training loop: one self-describing, step-numbered directory.
+
+    checkpoint-N/
+      model.safetensors          trainable weights (LDMBert + UNet); no pickled code to load
+      ema.safetensors            EMA weights, with --use_ema
+      optimizer.pdopt            AdamW moments (a Paddle pickle: Paddle has no safetensors
+                                 format for optimizer state)
+      scheduler.json             learning-rate scheduler state
+      rng_state_rank{R}.pdparams Paddle, NumPy and Python RNG states of each rank (pickle)
+      data_position_rank{R}.json where each rank's data workers stood (exact data resume)
+      trainer_state.json         global step
+      args.json                  the run's arguments
+A checkpoint is written as `checkpoint-N.tmp` and renamed when complete, so a run cut off
+mid-write leaves no `checkpoint-N` behind and is never resumed from.
+"""
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from safetensors.numpy import load_file, save_file
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _barrier():
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def complete_checkpoints(output_dir: str):
+    """Complete checkpoint directories, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(d))]
+    return [path for _, path in sorted(found) if os.path.isfile(os.path.join(path, "trainer_state.json"))]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def trainable_state(model) -> dict:
+    """Weights that training changes (the frozen autoencoder is not checkpointed)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
+
+
+def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress: dict, args: dict, ema=None, scaler=None, save_total_limit=None):
+    rank = max(0, dist.get_rank())
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    if rank == 0:
+        save_file({k: v.numpy() for k, v in trainable_state(model).items()}, os.path.join(tmp, "model.safetensors"))
+        if ema is not None:
+            save_file(ema.state_numpy(), os.path.join(tmp, "ema.safetensors"))
+        paddle.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pdopt"))
+        if scaler is not None:
+            paddle.save(scaler.state_dict(), os.path.join(tmp, "scaler.pdparams"))
+        with open(os.path.join(tmp, "scheduler.json"), "w") as f:
+            json.dump(lr_scheduler.state_dict(), f)
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(args, f, indent=1, default=str)
+    paddle.save({"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                os.path.join(tmp, f"rng_state_rank{rank}.pdparams"))
+    with open(data_position_file(tmp, rank), "w") as f:
+        json.dump(data_progress, f)
+    _barrier()
+    if rank == 0:
+        # trainer_state.json last: its presence marks the checkpoint complete, then the rename publishes it.
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"global_step": step}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if save_total_limit:
+            for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, lr_scheduler, ema=None, scaler=None) -> int:
+    """Restore everything but the data position (the stream restores that); return the step."""
+    rank = max(0, dist.get_rank())
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} weights (e.g. {sorted(missing)[0]}); it belongs to a different model")
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
+    with open(os.path.join(path, "scheduler.json")) as f:
+        lr_scheduler.set_state_dict(json.load(f))
+    if ema is not None and os.path.isfile(os.path.join(path, "ema.safetensors")):
+        ema.load_numpy(load_file(os.path.join(path, "ema.safetensors")))
+    if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pdparams")):
+        scaler.load_state_dict(paddle.load(os.path.join(path, "scaler.pdparams")))
+    rng_file = os.path.join(path, f"rng_state_rank{rank}.pdparams")
+    if os.path.isfile(rng_file):
+        rng = paddle.load(rng_file)
+        paddle.set_rng_state(rng["paddle"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return int(json.load(f)["global_step"])
+
+
+def data_position_file(checkpoint_dir: str, rank: int) -> str:
+    return os.path.join(checkpoint_dir, f"data_position_rank{rank}.json")
+
+
+def load_data_position(checkpoint_dir: str, rank: int) -> Optional[dict]:
+    path = data_position_file(checkpoint_dir, rank)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
