@@ -74,8 +74,8 @@ def main():
     print("\n==> samples", flush=True)
     from ldm.sampling import sample_grid
 
-    grid_path, matched, total = sample_grid(ldm, PROMPTS, args.samples_per_prompt, os.path.join(out, "samples.png"))
-    print(f"\nprompt colours matched in {matched}/{total} samples (background and shape colour)")
+    grid_path, bg_ok, fg_ok, total = sample_grid(ldm, PROMPTS, args.samples_per_prompt, os.path.join(out, "samples.png"))
+    print(f"\nsamples whose background colour matches the prompt: {bg_ok}/{total}; whose shape colour matches: {fg_ok}/{total}")
     print(f"demo finished in {time.time() - t0:.0f} s")
     print(f"grid of samples (one row per prompt): {os.path.abspath(grid_path)}")
 

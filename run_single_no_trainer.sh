@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The seed's single-device explicit-loop command. Extra arguments are appended (and win), e.g.
 #   bash run_single_no_trainer.sh --pretrained_model_name_or_path ./my_ldm --max_train_steps 100 --resolution 64
-python -u train_txt2img_laion400m_no_trainer.py \
+# LAUNCHER replaces 'python -u' (run_multi_no_trainer.sh sets it to paddle.distributed.launch).
+${LAUNCHER:-python -u} train_txt2img_laion400m_no_trainer.py \
     --output_dir ./laion400m_pretrain_output_no_trainer \
     --train_batch_size 6 \
     --gradient_accumulation_steps 10 \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The seed's single-device command. Extra arguments are appended (and win), e.g.
 #   bash run_single_trainer.sh --model_name_or_path ./my_ldm --max_steps 100 --resolution 64
-python -u train_txt2img_laion400m_trainer.py \
+# LAUNCHER replaces 'python -u' (run_multi_trainer.sh sets it to paddle.distributed.launch).
+${LAUNCHER:-python -u} train_txt2img_laion400m_trainer.py \
     --do_train \
     --output_dir ./laion400m_pretrain_output_trainer \
     --per_device_train_batch_size 6 \

@@ -16,12 +16,12 @@ from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm.args import DataArguments, LoopArguments, ModelArguments
-from ldm.checkpoint import latest_checkpoint, load_checkpoint, load_data_position, save_checkpoint
+from ldm.checkpoint import load_checkpoint, load_data_position, save_checkpoint
 from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
 from ldm.ema import EMA
 from ldm.logger import RunLogger
 from ldm.model import create_model
-from ldm.runtime import exit_on_bad_input, log_startup, set_cpu_threads
+from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, set_cpu_threads
 
 
 def main():
@@ -59,7 +59,10 @@ def main():
 
     # Resume from the newest complete checkpoint, data position included:
     step, saved = 0, None
-    resume = args.resume_from_checkpoint or (None if args.overwrite_output_dir else latest_checkpoint(args.output_dir))
+    try:
+        resume = checkpoint_to_resume(args)
+    except ValueError as e:
+        exit_on_bad_input(e)
     if resume:
         step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler)
         saved = load_data_position(resume, rank)
@@ -68,7 +71,6 @@ def main():
                 stream.resume(saved, args.num_workers)
             except ValueError as e:
                 exit_on_bad_input(e)
-        logger.info(f"Resuming from {resume} at step {step}")
     progress = StreamProgress(world_size, args.num_workers, saved)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
     loader = DataLoader(as_paddle_dataset(stream), batch_size=args.train_batch_size, num_workers=args.num_workers, drop_last=True)
@@ -129,6 +131,7 @@ def main():
                             ema, scaler, args.save_total_limit)
     bar.close()
     vdl.close()
+    log_parameter_checksum(model, rank)
 
     # Save the final model (EMA weights with --use_ema) as a ppdiffusers pipeline directory:
     if rank == 0:

@@ -5,7 +5,7 @@ from paddlenlp.utils.log import logger
 from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments
 from ldm.data import TextImageStream, as_paddle_dataset
 from ldm.model import create_model
-from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_startup, set_cpu_threads
+from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, set_cpu_threads
 from ldm.trainer import StreamTrainer
 
 
@@ -38,6 +38,7 @@ def main():
     except ValueError as e:
         exit_on_bad_input(e)
     trainer.train(resume_from_checkpoint=resume)
+    log_parameter_checksum(model, max(0, trainer.args.process_index))
 
     # Save the final model as a ppdiffusers pipeline directory:
     if trainer.is_world_process_zero():

@@ -36,15 +36,19 @@ def main():
     logger.info(f"Autoencoder parameters: {sum(p.size for p in model.parameters()) / 1e6:.2f}M")
 
     # Train:
-    trainer = StreamTrainer(model=model, args=training_args, train_dataset=as_paddle_dataset(stream), image_logging_steps=training_args.image_logging_steps)
-    resume = training_args.resume_from_checkpoint
-    if resume is None and not training_args.overwrite_output_dir:
-        resume = last_checkpoint(training_args.output_dir)
+    try:
+        resume = checkpoint_to_resume(training_args)
+        trainer = StreamTrainer(model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
+                                image_logging_steps=training_args.image_logging_steps)
+    except ValueError as e:
+        exit_on_bad_input(e)
     trainer.train(resume_from_checkpoint=resume)
 
     # Measure the latent scale and save an AutoencoderKL directory:
     if trainer.is_world_process_zero():
-        images = (paddle.to_tensor(r["pixel_values"][None]) for r in stream.records(stream.shard_stream(0, 1)))
+        # A fresh single-shard pass over the data (not the training stream's position).
+        fresh = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed, rank=0, world_size=1)
+        images = (paddle.to_tensor(r["pixel_values"][None]) for r in fresh.records(fresh.shard_stream(0, 1)))
         batches = [paddle.concat(list(itertools.islice(images, training_args.per_device_train_batch_size))) for _ in range(ae_args.scaling_batches)]
         scaling = model.measure_scaling_factor(batches)
         model.vae.register_to_config(scaling_factor=scaling)

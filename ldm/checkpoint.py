@@ -33,12 +33,18 @@ def _barrier():
         dist.barrier()
 
 
+def is_complete(path: str) -> bool:
+    """Both loops write these two files last (the Trainer's state, then our data position;
+    or the data position, then trainer_state.json): a save cut off midway lacks one."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("trainer_state.json", "data_position_rank0.json"))
+
+
 def complete_checkpoints(output_dir: str):
     """Complete checkpoint directories, oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(d))]
-    return [path for _, path in sorted(found) if os.path.isfile(os.path.join(path, "trainer_state.json"))]
+    return [path for _, path in sorted(found) if is_complete(path)]
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -105,7 +111,7 @@ def load_checkpoint(path, model, optimizer, lr_scheduler, ema=None, scaler=None)
         scaler.load_state_dict(paddle.load(os.path.join(path, "scaler.pdparams")))
     rng_file = os.path.join(path, f"rng_state_rank{rank}.pdparams")
     if os.path.isfile(rng_file):
-        rng = paddle.load(rng_file)
+        rng = paddle.load(rng_file, return_numpy=True)
         paddle.set_rng_state(rng["paddle"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])

@@ -27,13 +27,14 @@ def exit_on_bad_input(error: Exception) -> None:
 
 def checkpoint_to_resume(training_args) -> Optional[str]:
     """--resume_from_checkpoint if given; else, unless --overwrite_output_dir, the newest
-    `checkpoint-N` in --output_dir, so re-running the same command continues the run."""
-    from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+    complete `checkpoint-N` in --output_dir, so re-running the same command continues the run."""
     from paddlenlp.utils.log import logger
 
+    from ldm.checkpoint import latest_checkpoint
+
     resume = training_args.resume_from_checkpoint
-    if resume is None and not training_args.overwrite_output_dir and os.path.isdir(training_args.output_dir):
-        resume = get_last_checkpoint(training_args.output_dir)
+    if resume is None and not training_args.overwrite_output_dir:
+        resume = latest_checkpoint(training_args.output_dir)
     if resume:
         if not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume!r} is not a directory")
@@ -52,3 +53,12 @@ def log_startup(model, per_device_batch: int, accumulation: int, world_size: int
         shards = world_size * max(1, num_workers)
         parts = sum(len(e.parts) for e in stream.entries)
         logger.info(f"Data: {len(stream.entries)} filelist(s), {parts} part(s), {shards} shard(s) = {world_size} rank(s) x {max(1, num_workers)} worker(s); this rank reads shards {stream.rank * max(1, num_workers)}..{(stream.rank + 1) * max(1, num_workers) - 1}")
+
+
+def log_parameter_checksum(model, rank: int) -> float:
+    """Printed by every rank at the end: equal values mean the ranks' weights stayed in sync."""
+    from paddlenlp.utils.log import logger
+
+    total = float(sum(float(p.astype("float64").abs().sum()) for p in model.parameters() if not p.stop_gradient))
+    logger.info(f"rank {rank}: parameter checksum {total:.10e}")
+    return total

@@ -24,7 +24,7 @@ COLOURS = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"on the left": (0.3, 0.5), "on the right": (0.7, 0.5), "in the middle": (0.5, 0.5)}
+POSITIONS = {"on the left": (0.36, 0.5), "on the right": (0.64, 0.5), "in the middle": (0.5, 0.5)}
 
 
 def draw_shape(shape, colour, background, centre, radius, size):
@@ -57,9 +57,10 @@ def random_record(rng, size):
     colour, background = rng.choice(names, size=2, replace=False)
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     cx, cy = POSITIONS[position]
-    # Small jitter in place and size so the model learns a distribution, not 54 images.
-    centre = (cx + rng.uniform(-0.05, 0.05), cy + rng.uniform(-0.08, 0.08))
-    radius = rng.uniform(0.17, 0.24)
+    # Small jitter in place and size so the model learns a distribution, not fixed images.
+    # Shapes are large (a fifth of the image or more) so their colour carries weight in the loss.
+    centre = (cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(-0.06, 0.06))
+    radius = rng.uniform(0.22, 0.30)
     return caption_for(shape, colour, background, position), draw_shape(shape, colour, background, centre, radius, size)
 
 

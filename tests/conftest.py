@@ -62,3 +62,25 @@ def shapes(tmp_path_factory):
     file_list = write_sample_dataset(str(root / "data"), num_parts=2, records_per_part=64, size=40, seed=1)
     tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), str(root / "tokenizer"), model_max_length=16)
     return {"root": root, "file_list": file_list, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
+def vae_dir(shapes):
+    out = shapes["root"] / "vae"
+    res = run_script(["train_vae.py", "--do_train", "--file_list", shapes["file_list"], "--output_dir", str(out),
+                      "--resolution", "32", "--max_steps", "6", "--vae_config_file", "config/tiny/vae.json",
+                      "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
+                      "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def ldm_args(shapes, vae_dir, out, max_steps, extra=()):
+    return ["train_txt2img_laion400m_trainer.py", "--do_train", "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+            "--weight_decay", "0.02", "--max_steps", str(max_steps), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+            "--logging_steps", "2", "--save_steps", "4", "--save_total_limit", "2", "--seed", "23",
+            "--dataloader_num_workers", "1", "--vae_name_or_path", str(vae_dir),
+            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+            "--file_list", shapes["file_list"], "--num_inference_steps", "3", "--model_max_length", "16",
+            "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "4", *extra]

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, ldm_args, run_script
 
 
 def vdl_tags(logdir):
@@ -23,17 +23,6 @@ def vdl_tags(logdir):
     return tags
 
 
-@pytest.fixture(scope="module")
-def vae_dir(shapes):
-    out = shapes["root"] / "vae"
-    res = run_script(["train_vae.py", "--do_train", "--file_list", shapes["file_list"], "--output_dir", str(out),
-                      "--resolution", "32", "--max_steps", "6", "--vae_config_file", "config/tiny/vae.json",
-                      "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
-                      "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
-
-
 def test_stage1_writes_a_loadable_autoencoder_with_measured_scale(vae_dir):
     from ppdiffusers import AutoencoderKL
 
@@ -42,17 +31,6 @@ def test_stage1_writes_a_loadable_autoencoder_with_measured_scale(vae_dir):
     assert np.isfinite(scale) and scale > 0 and abs(scale - 0.18215) > 1e-4
     assert sorted(os.listdir(vae_dir)).count("checkpoint-6") == 1
     assert any(t.startswith("reconstruction") for t in vdl_tags(str(vae_dir)))
-
-
-def ldm_args(shapes, vae_dir, out, max_steps, extra=()):
-    return ["train_txt2img_laion400m_trainer.py", "--do_train", "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-            "--weight_decay", "0.02", "--max_steps", str(max_steps), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-            "--logging_steps", "2", "--save_steps", "4", "--save_total_limit", "2", "--seed", "23",
-            "--dataloader_num_workers", "1", "--vae_name_or_path", str(vae_dir),
-            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
-            "--file_list", shapes["file_list"], "--num_inference_steps", "3", "--model_max_length", "16",
-            "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "4", *extra]
 
 
 @pytest.fixture(scope="module")

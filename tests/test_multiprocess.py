@@ -1,0 +1,65 @@
+"""Both training scripts under `paddle.distributed.launch --nproc_per_node 2` on the CPU (gloo)."""
+import json
+import os
+import re
+
+import pytest
+
+from conftest import ldm_args, run_script
+
+
+def launch(script_args, log_dir):
+    return run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), *script_args], timeout=900)
+
+
+def worker_logs(log_dir):
+    return [open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)]
+
+
+def checksums(logs):
+    return [re.findall(r"rank \d: parameter checksum (\S+)", log)[-1] for log in logs]
+
+
+def no_trainer_args(shapes, vae, out, steps):
+    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--adam_weight_decay", "0.02",
+            "--max_train_steps", str(steps), "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--logging_steps", "1",
+            "--save_steps", "2", "--seed", "23", "--num_workers", "1", "--vae_name_or_path", str(vae),
+            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+            "--file_list", shapes["file_list"], "--num_inference_steps", "2", "--model_max_length", "16",
+            "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "2", "--num_threads", "1"]
+
+
+def trainer_args(shapes, vae, out, steps):
+    args = ldm_args(shapes, vae, out, steps)
+    return args + ["--per_device_train_batch_size", "2", "--save_steps", "2", "--image_logging_steps", "2", "--num_threads", "1"]
+
+
+@pytest.mark.parametrize("kind", ["no_trainer", "trainer"])
+def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, tmp_path, kind):
+    make = no_trainer_args if kind == "no_trainer" else trainer_args
+    out, logs_dir = tmp_path / "out", tmp_path / "logs"
+    res = launch(make(shapes, vae_dir, out, 4), logs_dir)
+    logs = worker_logs(logs_dir)
+    assert res.returncode == 0, res.stderr[-2000:] + logs[0][-2000:] + logs[1][-2000:]
+
+    # Gradients were averaged: both ranks end with the same weights.
+    a, b = checksums(logs)
+    assert a == b
+    # Each rank read its own shards: both saved a position, for different shards of one pass.
+    ckpt = out / "checkpoint-4"
+    pos = [json.load(open(ckpt / f"data_position_rank{r}.json")) for r in (0, 1)]
+    assert all(p["world_size"] == 2 and p["batches"] > 0 for p in pos)
+    # Only rank 0 wrote the final model and the VisualDL logs.
+    assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
+    vdl_files = [f for _, _, files in os.walk(out / "runs") for f in files if f.startswith("vdlrecords")]
+    assert vdl_files and "Saved LDMTextToImagePipeline" in logs[0] and "Saved LDMTextToImagePipeline" not in logs[1]
+
+    # Re-running continues from checkpoint-4.
+    res = launch(make(shapes, vae_dir, out, 6), tmp_path / "logs2")
+    logs = worker_logs(tmp_path / "logs2")
+    assert res.returncode == 0, logs[0][-2000:]
+    assert "Resuming from" in logs[0] and "checkpoint-4" in logs[0]
+    assert (out / "checkpoint-6").is_dir()
+    a, b = checksums(logs)
+    assert a == b
