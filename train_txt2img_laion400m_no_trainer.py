@@ -21,7 +21,8 @@ from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
 from ldm.ema import EMA
 from ldm.logger import RunLogger
 from ldm.model import create_model
-from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, set_cpu_threads
+from ldm.runtime import (NonFiniteGuard, Preemption, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum,
+                         log_startup, set_cpu_threads)
 
 
 def main():
@@ -77,36 +78,44 @@ def main():
     vdl = RunLogger(os.path.join(args.output_dir, "runs"))
 
     # Train: an endless stream, counted in optimizer steps.
+    preemption, guard = Preemption(), NonFiniteGuard(args.max_nonfinite_steps)
     bar = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=rank > 0)
-    micro, loss_sum, interval_start, interval_images = 0, 0.0, time.time(), 0
+    micro, skip_step, loss_sum, interval_start, interval_images = 0, False, 0.0, time.time(), 0
     for batch in loader:
         if step >= args.max_train_steps:
             break
         progress.update(batch.pop("skips"), batch.pop("worker"), batch.pop("position"))
         micro += 1
         sync_now = micro % args.gradient_accumulation_steps == 0
-        # Accumulating: only the last micro-batch of a step all-reduces gradients.
-        no_sync = train_model.no_sync() if world_size > 1 and not sync_now else contextlib.nullcontext()
-        with no_sync:
-            with paddle.amp.auto_cast(enable=args.fp16, level="O1"):
-                loss = train_model(**batch)
-            scaled = loss / args.gradient_accumulation_steps
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum += float(loss)
+        with paddle.amp.auto_cast(enable=args.fp16, level="O1"):
+            loss = train_model(**batch)
+        # A non-finite loss (on any rank) skips the whole optimizer step: no backward, no update.
+        if skip_step or not guard.is_finite(loss):
+            skip_step = True
+        else:
+            # Accumulating: only the last micro-batch of a step all-reduces gradients.
+            with train_model.no_sync() if world_size > 1 and not sync_now else contextlib.nullcontext():
+                scaled = loss / args.gradient_accumulation_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += float(loss)
         interval_images += batch["pixel_values"].shape[0] * world_size
         if not sync_now:
             continue
 
-        # Optimizer step, schedule, EMA:
-        if scaler:
+        # Optimizer step (dynamic loss scaling with --fp16), schedule, EMA:
+        if skip_step:
+            optimizer.clear_grad()
+        elif scaler:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         optimizer.clear_grad()
         lr_scheduler.step()
-        if ema is not None:
+        if ema is not None and not skip_step:
             ema.update()
+        guard.step_done(skip_step)
+        skip_step = False
         step += 1
         bar.update(1)
 
@@ -118,17 +127,21 @@ def main():
                 dist.all_reduce(mean_loss)  # the loss of all ranks' batches, not just rank 0's
             scalars = {"loss": float(mean_loss) / world_size,
                        "learning_rate": lr_scheduler.get_lr(), "images_per_second": interval_images / elapsed,
-                       **progress.skip_totals()}
+                       "nonfinite_steps_skipped": guard.skipped, **progress.skip_totals()}
             vdl.scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['learning_rate']:.2e}")
             loss_sum, interval_start, interval_images = 0.0, time.time(), 0
         if args.image_logging_steps > 0 and step % args.image_logging_steps == 0 and rank == 0:
             with ema.applied() if ema is not None else contextlib.nullcontext():
                 vdl.images(model.log_images({k: v[:8] for k, v in batch.items()}, model_args.num_inference_steps), step)
-        if step % args.save_steps == 0 or step == args.max_train_steps:
+        preempted = preemption.agreed()
+        if step % args.save_steps == 0 or step == args.max_train_steps or preempted:
             save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),
                             {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)},
                             ema, scaler, args.save_total_limit)
+        if preempted:
+            logger.info(f"Preempted: saved checkpoint-{step} in {args.output_dir}; re-run the same command to continue")
+            return
     bar.close()
     vdl.close()
     log_parameter_checksum(model, rank)

@@ -1,4 +1,6 @@
 """Stage 2: train LDMBert + UNet on a frozen autoencoder's latents with the PaddleNLP Trainer."""
+import contextlib
+
 from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
 
@@ -38,11 +40,15 @@ def main():
     except ValueError as e:
         exit_on_bad_input(e)
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.preempted:
+        logger.info(f"Preempted: saved checkpoint-{trainer.state.global_step} in {training_args.output_dir}; re-run the same command to continue")
+        return
     log_parameter_checksum(model, max(0, trainer.args.process_index))
 
-    # Save the final model as a ppdiffusers pipeline directory:
+    # Save the final model (EMA weights with --use_ema) as a ppdiffusers pipeline directory:
     if trainer.is_world_process_zero():
-        model.save_pipeline(training_args.output_dir)
+        with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():
+            model.save_pipeline(training_args.output_dir)
         logger.info(f"Saved LDMTextToImagePipeline to {training_args.output_dir}")
 
 

@@ -45,7 +45,7 @@ class DataArguments:
         metadata={"help": "File listing filelists (one path, optional sampling weight, per line); each filelist lists gzipped parts."},
     )
     resolution: int = field(default=256, metadata={"help": "Training image side in pixels: shorter side resized to it, then centre-cropped; smaller images are skipped."})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "Records held in each data worker's shuffle buffer."})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "Lines each data worker reads and permutes together before decoding."})
 
 
 @dataclass
@@ -93,5 +93,6 @@ class LoopArguments:
     use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
     num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses every core this process may run on."})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory to resume from; by default the newest complete one in --output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh even if --output_dir holds checkpoints."})

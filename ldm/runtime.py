@@ -62,3 +62,63 @@ def log_parameter_checksum(model, rank: int) -> float:
     total = float(sum(float(p.astype("float64").abs().sum()) for p in model.parameters() if not p.stop_gradient))
     logger.info(f"rank {rank}: parameter checksum {total:.10e}")
     return total
+
+
+class Preemption:
+    """SIGTERM (a cluster's preemption notice) asks the loop to finish its step, save a
+    checkpoint and exit 0; re-running the command continues from that checkpoint."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if not self.requested:
+            print("SIGTERM received: finishing this step, then saving a checkpoint and exiting", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank got the signal, so all ranks stop at the same step."""
+        return any_rank(self.requested)
+
+
+def any_rank(flag: bool) -> bool:
+    """Logical OR of a flag over all ranks (one tiny all-reduce when distributed)."""
+    import paddle.distributed as dist
+
+    if dist.get_world_size() <= 1:
+        return bool(flag)
+    value = paddle.to_tensor([1 if flag else 0], dtype="int32")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(int(value.numpy()[0]))
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss; stops the run after too many in a row."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+
+    def is_finite(self, loss) -> bool:
+        """True if this loss is finite on every rank (so every rank skips, or none)."""
+        import math
+
+        return not any_rank(not math.isfinite(float(loss)))
+
+    def step_done(self, skipped: bool) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            # SystemExit prints the one-line message and exits 1, with no traceback to read past.
+            raise SystemExit(
+                f"error: {self.consecutive} optimizer steps in a row had a non-finite loss; stopping. The last checkpoint in "
+                "--output_dir is intact: lower --learning_rate, set --max_grad_norm, or check the data, then re-run"
+            )
+

@@ -18,10 +18,13 @@ import paddle.distributed as dist
 from paddle.io import DataLoader
 from paddlenlp.trainer import Trainer
 from paddlenlp.utils.log import logger
+from safetensors.numpy import load_file, save_file
 
 from ldm.checkpoint import data_position_file, load_data_position
 from ldm.data import StreamProgress
+from ldm.ema import EMA
 from ldm.logger import RunLogger
+from ldm.runtime import NonFiniteGuard, Preemption
 
 
 def _unwrap(model):
@@ -48,6 +51,15 @@ class StreamTrainer(Trainer):
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
         self.progress = StreamProgress(self.train_dataset.stream.world_size, self.args.dataloader_num_workers, saved)
         self._rng_checkpoint = resume_from if saved is not None else None
+        self.preemption = Preemption()
+        self.preempted = False
+        self.guard = NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 10))
+        self._micro = 0
+        self._skip_step = False
+        # EMA of the trained weights, updated right after each optimizer step (see training_step).
+        self.ema = EMA(self.model, self.args.ema_decay) if getattr(self.args, "use_ema", False) else None
+        if self.ema is not None and resume_from and os.path.isfile(os.path.join(resume_from, "ema.safetensors")):
+            self.ema.load_numpy(load_file(os.path.join(resume_from, "ema.safetensors")))
 
     def get_train_dataloader(self):
         return DataLoader(
@@ -58,10 +70,47 @@ class StreamTrainer(Trainer):
         )
 
     def training_step(self, model, inputs):
+        """One micro-batch. Where the stock loop leaves no hook, the step-level work happens here:
+        at the first micro-batch of a step, the previous optimizer step is complete, so the EMA
+        takes it in (the last step's update happens in `train`); a non-finite loss on any rank
+        drops the step's gradients (grads of None make AdamW leave every weight untouched)."""
+        first_micro = self._micro % self.args.gradient_accumulation_steps == 0
+        if first_micro and self._micro > 0:
+            self._finish_optimizer_step()
         if self._rng_checkpoint is not None:
             self._load_rng_state(self._rng_checkpoint)
             self._rng_checkpoint = None
-        return super().training_step(model, inputs)
+        self._micro += 1
+        if self._skip_step:
+            return paddle.zeros([])
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.autocast_smart_context_manager():
+            loss = self.compute_loss(model, inputs)
+        if not self.guard.is_finite(loss):
+            self._skip_step = True
+            self.optimizer.clear_grad(set_to_zero=False)
+            logger.warning(f"step {self.state.global_step + 1}: non-finite loss, skipping this optimizer step")
+            return paddle.zeros([])
+        if self.args.gradient_accumulation_steps > 1:
+            loss = loss / self.args.gradient_accumulation_steps
+        if self.do_grad_scaling:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        return loss.detach()
+
+    def _finish_optimizer_step(self) -> None:
+        if self.ema is not None and not self._skip_step:
+            self.ema.update()
+        self.guard.step_done(self._skip_step)
+        self._skip_step = False
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self._micro % self.args.gradient_accumulation_steps == 0 and self._micro > 0:
+            self._finish_optimizer_step()
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False):
         self.progress.update(inputs.pop("skips"), inputs.pop("worker"), inputs.pop("position"))
@@ -72,18 +121,27 @@ class StreamTrainer(Trainer):
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "interval_samples_per_second" in logs:
             logs["images_per_second"] = logs["interval_samples_per_second"]
+            logs["nonfinite_steps_skipped"] = self.guard.skipped
             logs.update(self.progress.skip_totals())
         super().log(logs, **kwargs)
 
     def _save_checkpoint(self, model, metrics=None):
         super()._save_checkpoint(model, metrics=metrics)
-        # Every rank saves its own workers' data position beside the Trainer's files.
         checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         os.makedirs(checkpoint_dir, exist_ok=True)
+        if self.ema is not None and self.is_world_process_zero():
+            # Saved before this step's EMA update, which the resumed run's first micro-batch performs.
+            save_file(self.ema.state_numpy(), os.path.join(checkpoint_dir, "ema.safetensors"))
+        # Every rank saves its own workers' data position; rank 0's file marks the checkpoint complete.
         with open(data_position_file(checkpoint_dir, max(0, dist.get_rank())), "w") as f:
             json.dump(self.progress.state_dict(), f)
 
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
+        # SIGTERM on any rank: save now and stop after this step (every rank agrees on the step).
+        if self.preemption.agreed():
+            self.control.should_save = True
+            self.control.should_training_stop = True
+            self.preempted = True
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
         step = self.state.global_step
         if self.image_logging_steps > 0 and step % self.image_logging_steps == 0 and self._last_batch is not None:
