@@ -54,6 +54,9 @@ class LDMTrainingArguments(TrainingArguments):
         default=1000, metadata={"help": "Every this many optimizer steps, log reconstructions and DDIM samples (guidance 1.0 and 7.5) to VisualDL; 0 turns it off."}
     )
     num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses every core this process may run on."})
+    use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
 
 
 def resolve_tokenizer(model_args: ModelArguments) -> str:

@@ -56,6 +56,8 @@ class StreamTrainer(Trainer):
         self.guard = NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 10))
         self._micro = 0
         self._skip_step = False
+        # A checkpoint is saved right after an optimizer step, before that step's EMA update.
+        self._step_pending = bool(resume_from)
         # EMA of the trained weights, updated right after each optimizer step (see training_step).
         self.ema = EMA(self.model, self.args.ema_decay) if getattr(self.args, "use_ema", False) else None
         if self.ema is not None and resume_from and os.path.isfile(os.path.join(resume_from, "ema.safetensors")):
@@ -74,13 +76,14 @@ class StreamTrainer(Trainer):
         at the first micro-batch of a step, the previous optimizer step is complete, so the EMA
         takes it in (the last step's update happens in `train`); a non-finite loss on any rank
         drops the step's gradients (grads of None make AdamW leave every weight untouched)."""
-        first_micro = self._micro % self.args.gradient_accumulation_steps == 0
-        if first_micro and self._micro > 0:
+        if self._step_pending:
             self._finish_optimizer_step()
         if self._rng_checkpoint is not None:
             self._load_rng_state(self._rng_checkpoint)
             self._rng_checkpoint = None
         self._micro += 1
+        # After this micro-batch the Trainer runs the optimizer step; finish it at the next call.
+        self._step_pending = self._micro % self.args.gradient_accumulation_steps == 0
         if self._skip_step:
             return paddle.zeros([])
         model.train()
@@ -105,10 +108,11 @@ class StreamTrainer(Trainer):
             self.ema.update()
         self.guard.step_done(self._skip_step)
         self._skip_step = False
+        self._step_pending = False
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
-        if self._micro % self.args.gradient_accumulation_steps == 0 and self._micro > 0:
+        if self._step_pending:
             self._finish_optimizer_step()
         return output
 

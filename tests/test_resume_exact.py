@@ -35,7 +35,9 @@ def max_diff(a, b):
 
 def start_script(args):
     full_env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A session of its own, so SIGKILL can take the data workers down with the trainer.
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def interrupt_after(args, out, checkpoint, sig, timeout=300):
@@ -46,7 +48,10 @@ def interrupt_after(args, out, checkpoint, sig, timeout=300):
         if proc.poll() is not None or time.time() > deadline:
             break
         time.sleep(0.02)
-    proc.send_signal(sig)
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(sig)
     output, _ = proc.communicate(timeout=timeout)
     return proc.returncode, output
 
