@@ -52,6 +52,13 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return done[-1] if done else None
 
 
+def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> None:
+    """Keep the newest `save_total_limit` complete checkpoints (call on rank 0, after a save completes)."""
+    if save_total_limit and save_total_limit > 0:
+        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def trainable_state(model) -> dict:
     """Weights that training changes (the frozen autoencoder is not checkpointed)."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
@@ -87,9 +94,7 @@ def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progr
             json.dump({"global_step": step}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        if save_total_limit:
-            for old in complete_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        rotate_checkpoints(output_dir, save_total_limit)
     _barrier()
     return final
 

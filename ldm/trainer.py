@@ -20,7 +20,7 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file, save_file
 
-from ldm.checkpoint import data_position_file, load_data_position
+from ldm.checkpoint import data_position_file, load_data_position, rotate_checkpoints
 from ldm.data import StreamProgress
 from ldm.ema import EMA
 from ldm.logger import RunLogger
@@ -139,6 +139,12 @@ class StreamTrainer(Trainer):
         # Every rank saves its own workers' data position; rank 0's file marks the checkpoint complete.
         with open(data_position_file(checkpoint_dir, max(0, dist.get_rank())), "w") as f:
             json.dump(self.progress.state_dict(), f)
+        # The stock Trainer rotates only when local_rank == 0 (never in a single-process run),
+        # and by modification time; rotate here, by step, once this checkpoint is complete.
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        if self.is_world_process_zero():
+            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
 
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
         # SIGTERM on any rank: save now and stop after this step (every rank agrees on the step).
@@ -146,6 +152,9 @@ class StreamTrainer(Trainer):
             self.control.should_save = True
             self.control.should_training_stop = True
             self.preempted = True
+        # The last step is always checkpointed (as in the explicit loop), so re-running a finished command is a no-op.
+        if self.state.global_step == self.args.max_steps:
+            self.control.should_save = True
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
         step = self.state.global_step
         if self.image_logging_steps > 0 and step % self.image_logging_steps == 0 and self._last_batch is not None:
