@@ -9,7 +9,7 @@ import paddle
 import paddle.nn as nn
 from ppdiffusers import AutoencoderKL
 
-from ldm.model import evaluating, read_json, require_local, to_uint8
+from ldm.model import evaluating, read_json, require_local, to_model_range, to_uint8
 
 
 def build_autoencoder(config_file: str) -> AutoencoderKL:
@@ -24,6 +24,7 @@ class AutoencoderTrainingModel(nn.Layer):
         self.kl_weight = kl_weight
 
     def forward(self, pixel_values=None, **kwargs):
+        pixel_values = to_model_range(pixel_values)
         posterior = self.vae.encode(pixel_values).latent_dist
         reconstruction = self.vae.decode(posterior.sample()).sample
         rec_loss = (reconstruction - pixel_values).abs().mean()
@@ -33,14 +34,15 @@ class AutoencoderTrainingModel(nn.Layer):
 
     @paddle.no_grad()
     def log_images(self, batch, num_inference_steps: int = 0):
+        images = to_model_range(batch["pixel_values"])
         with evaluating(self):
-            out = self.vae(batch["pixel_values"], sample_posterior=False).sample
-        return {"reconstruction": to_uint8(out), "input": to_uint8(batch["pixel_values"])}
+            out = self.vae(images, sample_posterior=False).sample
+        return {"reconstruction": to_uint8(out), "input": to_uint8(images)}
 
     @paddle.no_grad()
     def measure_scaling_factor(self, batches) -> float:
         """1 / std of posterior samples over the given image batches."""
         with evaluating(self):
-            latents = [self.vae.encode(b).latent_dist.sample() for b in batches]
+            latents = [self.vae.encode(to_model_range(b)).latent_dist.sample() for b in batches]
         std = float(paddle.concat(latents).std())
         return 1.0 / max(std, 1e-8)

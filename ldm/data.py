@@ -21,9 +21,8 @@ the position in it is a few integers that checkpoints save (exact resume).
 Bad data never stops the stream: each skipped record or part is counted by reason.
 """
 import argparse
-import base64
 import binascii
-import gzip
+from isal import igzip, isal_zlib
 import io
 import json
 import math
@@ -139,7 +138,8 @@ def shard_units(units: Sequence[Unit], num_shards: int, shard: int, seed: int, l
 
 def iter_unit_lines(unit: Unit, skips: SkipCounter) -> Iterator[Tuple[int, bytes]]:
     """Yield (line number, raw line) of a unit; a missing or truncated part is counted, not raised."""
-    opener = gzip.open if unit.part.endswith(".gz") else open
+    # ISA-L's gzip reader (same format, same errors) decompresses ~2x faster than zlib's.
+    opener = igzip.open if unit.part.endswith(".gz") else open
     try:
         f = opener(unit.part, "rb")
     except OSError:
@@ -152,7 +152,7 @@ def iter_unit_lines(unit: Unit, skips: SkipCounter) -> Iterator[Tuple[int, bytes
                 line_no += 1
                 if (line_no - 1) % unit.stride == unit.offset:
                     yield line_no, raw
-        except (EOFError, OSError, zlib.error):
+        except (EOFError, OSError, zlib.error, isal_zlib.error):
             # Records already yielded stand; the rest of this part is lost and counted once.
             skips["truncated_part"] += 1
 
@@ -182,7 +182,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(data: bytes, resolution: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    """Decode, resize the shorter side to `resolution`, centre-crop; CHW float32 in [-1, 1]."""
+    """Decode, resize the shorter side to `resolution`, centre-crop; CHW uint8 (0..255)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -207,8 +207,9 @@ def load_image(data: bytes, resolution: int) -> Tuple[Optional[np.ndarray], Opti
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
     image = image.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(image, dtype=np.float32)
-    return (arr.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32), None
+    # uint8 CHW: a quarter of float32's bytes through the workers' shared memory and the
+    # collation; the model maps it to [-1, 1] on its device (ldm.model.to_model_range).
+    return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)), None
 
 
 def parse_line(raw: bytes) -> Tuple[Optional[str], Optional[bytes], Optional[str]]:
@@ -220,7 +221,8 @@ def parse_line(raw: bytes) -> Tuple[Optional[str], Optional[bytes], Optional[str
     if len(fields) < 3:
         return None, None, "short_line"
     try:
-        data = base64.b64decode(fields[2], validate=True)
+        # binascii's strict mode validates in C (base64.b64decode's validate=True runs a regex first).
+        data = binascii.a2b_base64(fields[2], strict_mode=True)
     except (binascii.Error, ValueError):
         return None, None, "bad_base64"
     if not data:
@@ -379,6 +381,10 @@ class TextImageStream:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
         self.resume_state = None
+        if tokenizer is not None:
+            from ldm.tokenizer import CaptionEncoder
+
+            self.encode_caption = CaptionEncoder(tokenizer, max_length)
 
     def resume(self, state: dict, num_workers: int) -> None:
         """Continue from a position saved by the trainer (see ldm.trainer.StreamProgress).
@@ -414,10 +420,6 @@ class TextImageStream:
                 continue
             yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, "pixel_values": pixels}
 
-    def tokenize(self, caption: str) -> np.ndarray:
-        ids = self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.max_length)["input_ids"]
-        return np.asarray(ids, dtype="int64")
-
     def __iter__(self):
         loader_worker, num_workers = _worker()
         # After a resume the DataLoader starts its round-robin at loader worker 0, but the
@@ -431,7 +433,7 @@ class TextImageStream:
             if self.tokenizer is not None:
                 # Caption dropout for classifier-free guidance, seeded by the record's place in the stream.
                 drop = np.random.default_rng([self.seed, stream.shard, int(stream.state[0]), 3]).random() < self.caption_dropout
-                sample["input_ids"] = self.tokenize("" if drop else rec["caption"])
+                sample["input_ids"] = self.encode_caption("" if drop else rec["caption"])
             yield sample
 
 

@@ -193,7 +193,7 @@ class LatentDiffusionModel(nn.Layer):
     def encode_latents(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         """Scaled latents of images in [-1, 1]; always float32 (the frozen encoder is not autocast)."""
         with paddle.amp.auto_cast(enable=False):
-            pixel_values = pixel_values.astype("float32")
+            pixel_values = to_model_range(pixel_values)
             if isinstance(self.vae, VQModel):
                 latents = self.vae.encode(pixel_values).latents
             else:
@@ -264,6 +264,13 @@ class LatentDiffusionModel(nn.Layer):
     def save_pipeline(self, output_dir: str) -> None:
         """Write a directory that stock `LDMTextToImagePipeline.from_pretrained` loads (SPEC section 3)."""
         self.to_pipeline().save_pretrained(output_dir)
+
+
+def to_model_range(pixel_values: paddle.Tensor) -> paddle.Tensor:
+    """Images from the data stream (uint8 0..255, CHW) as float32 in [-1, 1]; float input passes through."""
+    if pixel_values.dtype == paddle.uint8:
+        return pixel_values.astype("float32") / 127.5 - 1.0
+    return pixel_values.astype("float32")
 
 
 def to_uint8(images: paddle.Tensor) -> np.ndarray:

@@ -79,3 +79,57 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Strings on which the fast twin must give exactly the paddlenlp tokenizer's ids.
+PROBES = [
+    "a red circle on a blue background, in the middle",
+    "A Photo of Zürich's CAFÉ!! 12,000 people -- naïve   tabs\tand\nnewlines",
+    "中文字幕 and emoji 🚀 mixed with unknownwordpiecesxyz",
+    "",
+    "word " * 120,
+]
+
+
+class CaptionEncoder:
+    """Caption -> int64 ids padded or truncated to max_length, exactly as the paddlenlp tokenizer gives them.
+
+    Wraps paddlenlp where it falls short on the data path: its pure-Python WordPiece costs
+    ~0.5 ms a caption, a tenth of a data worker's per-record budget. For a BERT WordPiece
+    tokenizer, HF `tokenizers`' Rust implementation of the same algorithm with the same vocab
+    gives the same ids ~7x faster; it is used only if it matches on every probe above at
+    start-up, else the paddlenlp tokenizer is used as is.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.fast = self._fast_twin()
+
+    def slow_ids(self, caption: str):
+        return self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _fast_twin(self):
+        from paddlenlp.transformers import BertTokenizer
+
+        if not isinstance(self.tokenizer, BertTokenizer):
+            return None
+        try:
+            from tokenizers import BertWordPieceTokenizer
+
+            t = self.tokenizer
+            fast = BertWordPieceTokenizer(t.get_vocab(), unk_token=t.unk_token, sep_token=t.sep_token, cls_token=t.cls_token,
+                                          pad_token=t.pad_token, mask_token=t.mask_token, lowercase=bool(getattr(t, "do_lower_case", True)))
+            fast.enable_truncation(self.max_length)
+            fast.enable_padding(length=self.max_length, pad_id=t.pad_token_id, pad_token=t.pad_token)
+        except Exception:
+            return None
+        if all(fast.encode(p).ids == list(self.slow_ids(p)) for p in PROBES):
+            return fast
+        return None
+
+    def __call__(self, caption: str):
+        import numpy as np
+
+        ids = self.fast.encode(caption).ids if self.fast is not None else self.slow_ids(caption)
+        return np.asarray(ids, dtype="int64")
