@@ -16,13 +16,13 @@ from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm.args import DataArguments, LoopArguments, ModelArguments
-from ldm.checkpoint import load_checkpoint, load_data_position, save_checkpoint
+from ldm.checkpoint import CheckpointWriteError, load_checkpoint, load_data_position, save_checkpoint
 from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
 from ldm.ema import EMA
 from ldm.logger import RunLogger
 from ldm.model import create_model
 from ldm.runtime import (NonFiniteGuard, Preemption, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum,
-                         log_startup, set_cpu_threads)
+                         log_startup, require_writable_dir, set_cpu_threads)
 
 
 def main():
@@ -40,8 +40,9 @@ def main():
 
     # Create model and data (bad paths stop here, before any training):
     try:
+        require_writable_dir(args.output_dir)
         model = create_model(model_args, data_args.resolution, args.seed, args.recompute)
-        stream = TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model_args.model_max_length,
+        stream = TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
                                  model_args.caption_dropout, data_args.shuffle_buffer, args.seed)
     except ValueError as e:
         exit_on_bad_input(e)
@@ -136,9 +137,12 @@ def main():
                 vdl.images(model.log_images({k: v[:8] for k, v in batch.items()}, model_args.num_inference_steps), step)
         preempted = preemption.agreed()
         if step % args.save_steps == 0 or step == args.max_train_steps or preempted:
-            save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),
-                            {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)},
-                            ema, scaler, args.save_total_limit)
+            try:
+                save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),
+                                {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)},
+                                ema, scaler, args.save_total_limit)
+            except CheckpointWriteError as e:
+                raise SystemExit(f"error: {e}")
         if preempted:
             logger.info(f"Preempted: saved checkpoint-{step} in {args.output_dir}; re-run the same command to continue")
             return

@@ -7,7 +7,8 @@ from paddlenlp.utils.log import logger
 from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments
 from ldm.data import TextImageStream, as_paddle_dataset
 from ldm.model import create_model
-from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, set_cpu_threads
+from ldm.runtime import (checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir,
+                         set_cpu_threads)
 from ldm.trainer import StreamTrainer
 
 
@@ -20,9 +21,10 @@ def main():
 
     # Create model and data (bad paths stop here, before any training):
     try:
+        require_writable_dir(training_args.output_dir)
         model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute)
         stream = TextImageStream(
-            data_args.file_list, data_args.resolution, model.tokenizer, model_args.model_max_length,
+            data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
             model_args.caption_dropout, data_args.shuffle_buffer, training_args.seed,
         )
     except ValueError as e:

@@ -9,7 +9,7 @@ from paddlenlp.utils.log import logger
 from ldm.args import DataArguments, LDMTrainingArguments
 from ldm.autoencoder import AutoencoderTrainingModel, build_autoencoder
 from ldm.data import TextImageStream, as_paddle_dataset
-from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, set_cpu_threads
+from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, require_writable_dir, set_cpu_threads
 from ldm.trainer import StreamTrainer
 
 
@@ -29,6 +29,7 @@ def main():
 
     # Create model and data:
     try:
+        require_writable_dir(training_args.output_dir)
         model = AutoencoderTrainingModel(build_autoencoder(ae_args.vae_config_file), ae_args.kl_weight)
         stream = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed)
     except ValueError as e:

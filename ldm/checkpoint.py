@@ -26,6 +26,7 @@ import paddle.distributed as dist
 from safetensors.numpy import load_file, save_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_DIR = "checkpoint-staging"  # where the Trainer's checkpoints are written before the rename
 
 
 def _barrier():
@@ -64,7 +65,25 @@ def trainable_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
 
 
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
 def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress: dict, args: dict, ema=None, scaler=None, save_total_limit=None):
+    """Write checkpoint-N atomically. A failed write (disk full, I/O error) leaves the previous
+    checkpoints as they were and raises CheckpointWriteError with one line that says why."""
+    try:
+        return _save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress, args, ema, scaler, save_total_limit)
+    except OSError as e:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}.tmp"), ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        raise CheckpointWriteError(
+            f"could not write checkpoint-{step} in {output_dir}: {e.strerror or e}; "
+            f"the newest complete checkpoint is {previous or 'none'} and is untouched. Free space or fix the directory, then re-run"
+        ) from None
+
+
+def _save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress, args, ema, scaler, save_total_limit):
     rank = max(0, dist.get_rank())
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"

@@ -154,10 +154,15 @@ class LatentDiffusionModel(nn.Layer):
         for sub in ("vqvae", "bert", "tokenizer", "unet"):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise ValueError(f"--model_name_or_path {path!r} has no {sub}/; pass a ppdiffusers LDMTextToImagePipeline directory")
-        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), model_max_length)
         text_encoder = LDMBertModel.from_pretrained(os.path.join(path, "bert"))
-        if model_max_length > text_encoder.config.max_position_embeddings:
-            raise ValueError(f"--model_max_length {model_max_length} exceeds the text encoder's {text_encoder.config.max_position_embeddings} positions in {path}/bert; pass at most that")
+        positions = text_encoder.config.max_position_embeddings
+        if model_max_length > positions:
+            # The seed's commands always pass 77; a model trained with fewer positions cannot take more.
+            from paddlenlp.utils.log import logger
+
+            logger.warning(f"--model_max_length {model_max_length} exceeds the {positions} positions of {path}/bert; using {positions}")
+            model_max_length = positions
+        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), model_max_length)
         return cls(load_autoencoder(os.path.join(path, "vqvae")), text_encoder, UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")), tokenizer)
 
     @classmethod

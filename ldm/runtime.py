@@ -19,6 +19,18 @@ def set_cpu_threads(n: int = 0) -> int:
     return n
 
 
+def require_writable_dir(path: str, flag: str = "--output_dir") -> None:
+    """Fail at start-up, in one line, if the output directory cannot be created or written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r} is not a writable directory ({e.strerror or e}); pass a directory you can write to") from None
+
+
 def exit_on_bad_input(error: Exception) -> None:
     """A wrong flag or path stops the run with one line that says what to fix."""
     print(f"error: {error}", file=sys.stderr)

@@ -8,8 +8,10 @@ Where the stock Trainer falls short and what we add (each in one small method):
   * `_maybe_log_save_evaluate`: at `--image_logging_steps`, reconstructions and DDIM samples
     go to VisualDL (the stock VisualDL callback logs scalars only).
 """
+import contextlib
 import json
 import os
+import shutil
 from typing import Dict, Optional
 
 import numpy as np
@@ -20,7 +22,7 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file, save_file
 
-from ldm.checkpoint import data_position_file, load_data_position, rotate_checkpoints
+from ldm.checkpoint import STAGING_DIR, data_position_file, latest_checkpoint, load_data_position, rotate_checkpoints
 from ldm.data import StreamProgress
 from ldm.ema import EMA
 from ldm.logger import RunLogger
@@ -130,21 +132,40 @@ class StreamTrainer(Trainer):
         super().log(logs, **kwargs)
 
     def _save_checkpoint(self, model, metrics=None):
-        super()._save_checkpoint(model, metrics=metrics)
-        checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        os.makedirs(checkpoint_dir, exist_ok=True)
+        """The stock save, made atomic: it writes into a staging directory, we add the EMA and
+        every rank's data position, and rank 0 renames the result to checkpoint-N."""
+        final_root = self.args.output_dir
+        staging_root = os.path.join(final_root, STAGING_DIR)
+        name = f"checkpoint-{self.state.global_step}"
+        staged = os.path.join(staging_root, name)
+        self.args.output_dir = staging_root  # the stock method writes to <output_dir>/checkpoint-N
+        try:
+            super()._save_checkpoint(model, metrics=metrics)
+        except OSError as e:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise SystemExit(f"error: could not write {name} in {final_root}: {e.strerror or e}; the newest complete "
+                             f"checkpoint is {latest_checkpoint(final_root) or 'none'} and is untouched. Free space or fix the directory, then re-run")
+        finally:
+            self.args.output_dir = final_root
+        os.makedirs(staged, exist_ok=True)
         if self.ema is not None and self.is_world_process_zero():
             # Saved before this step's EMA update, which the resumed run's first micro-batch performs.
-            save_file(self.ema.state_numpy(), os.path.join(checkpoint_dir, "ema.safetensors"))
-        # Every rank saves its own workers' data position; rank 0's file marks the checkpoint complete.
-        with open(data_position_file(checkpoint_dir, max(0, dist.get_rank())), "w") as f:
+            save_file(self.ema.state_numpy(), os.path.join(staged, "ema.safetensors"))
+        with open(data_position_file(staged, max(0, dist.get_rank())), "w") as f:
             json.dump(self.progress.state_dict(), f)
-        # The stock Trainer rotates only when local_rank == 0 (never in a single-process run),
-        # and by modification time; rotate here, by step, once this checkpoint is complete.
         if dist.get_world_size() > 1:
             dist.barrier()
         if self.is_world_process_zero():
-            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            final = os.path.join(final_root, name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)  # only if empty
+            # The stock Trainer rotates only when local_rank == 0 (never in a single process) and
+            # by modification time; rotate by step, now that this checkpoint is complete.
+            rotate_checkpoints(final_root, self.args.save_total_limit)
+        if dist.get_world_size() > 1:
+            dist.barrier()
 
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
         # SIGTERM on any rank: save now and stop after this step (every rank agrees on the step).

@@ -1,0 +1,60 @@
+"""Failures a long run meets: non-finite losses, a full disk, an unwritable output directory."""
+import errno
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ldm_args, run_script
+from ldm import checkpoint
+from ldm.data import StreamProgress
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_a_message(shapes, vae_dir, tmp_path):
+    """A learning rate of 1e30 blows the weights up after the first step; every later loss is
+    non-finite, each such step is skipped, and the third in a row stops the run cleanly."""
+    out = tmp_path / "nan"
+    res = run_script(ldm_args(shapes, vae_dir, out, 20, ["--learning_rate", "1e30", "--save_steps", "1", "--max_nonfinite_steps", "3",
+                                                          "--image_logging_steps", "0"]))
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "3 optimizer steps in a row had a non-finite loss" in res.stderr
+    assert "non-finite loss, skipping this optimizer step" in res.stdout + res.stderr
+    # The checkpoints written so far are complete and loadable.
+    last = checkpoint.latest_checkpoint(str(out))
+    assert last is not None
+    paddle.load(os.path.join(last, "model_state.pdparams"), return_numpy=True)
+
+
+def test_unwritable_output_dir_stops_at_startup(shapes, vae_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    res = run_script(ldm_args(shapes, vae_dir, blocker / "out", 2), timeout=120)
+    assert res.returncode == 2
+    assert "is not a writable directory" in res.stderr and len(res.stderr.strip().splitlines()[-1]) < 300
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """Disk full while writing checkpoint-2: a one-line error, and checkpoint-1 stays the newest complete one."""
+    layer = paddle.nn.Linear(3, 2)
+    scheduler = paddle.optimizer.lr.LambdaDecay(1e-3, lambda s: 1.0)
+    optimizer = paddle.optimizer.AdamW(learning_rate=scheduler, parameters=layer.parameters())
+    layer(paddle.ones([1, 3])).sum().backward()
+    optimizer.step()
+    progress = StreamProgress(1, 1).state_dict()
+    checkpoint.save_checkpoint(str(tmp_path), 1, layer, optimizer, scheduler, progress, {})
+    before = checkpoint.load_file(os.path.join(tmp_path, "checkpoint-1", "model.safetensors"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.paddle, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device.*checkpoint-1 and is untouched"):
+        checkpoint.save_checkpoint(str(tmp_path), 2, layer, optimizer, scheduler, progress, {})
+    monkeypatch.undo()
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
+    assert not any(p.startswith("checkpoint-2") for p in os.listdir(tmp_path))
+    after = checkpoint.load_file(os.path.join(tmp_path, "checkpoint-1", "model.safetensors"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    step = checkpoint.load_checkpoint(str(tmp_path / "checkpoint-1"), layer, optimizer, scheduler)
+    assert step == 1
