@@ -73,6 +73,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         f"bad base64\t_\t@@@not-base64@@@",
         f"undecodable\t_\t{jpeg_b64()[:40]}",
         f"too small\t_\t{jpeg_b64((20, 20))}",
+        f"bomb\t_\t{bomb_b64()}",
         f"ok two\t_\t{good}\textra\tcolumns",
     ]
     part = str(tmp_path / "part-00000.gz")
@@ -92,15 +93,21 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert skipped["bad_base64"] == 1
     assert skipped["undecodable_image"] == 1
     assert skipped["too_small"] == 1
+    assert skipped["too_many_pixels"] == 1
     assert skipped["missing_part"] == 1
     assert skipped["truncated_part"] == 1
 
 
-def test_decompression_bomb_is_skipped_not_decoded():
-    image = Image.new("L", (10000, 9000))  # 90M pixels > Pillow's 89.5M guard
+def bomb_b64():
+    """A PNG declaring 10000 x 9000 pixels (over Pillow's ~89.5M guard) that compresses to ~90 KB."""
+    image = Image.new("L", (10000, 9000))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    pixels, reason = data.load_image(buf.getvalue(), 32)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_decompression_bomb_is_skipped_not_decoded():
+    pixels, reason = data.load_image(base64.b64decode(bomb_b64()), 32)
     assert pixels is None and reason == "too_many_pixels"
 
 
