@@ -1,12 +1,20 @@
 """Training on the PaddleNLP Trainer: the loss is the model's, everything else is logged beside it.
 
 Where the stock Trainer falls short and what we add (each in one small method):
+  * `__init__`: resumes the data stream from the checkpoint's saved position (instead of the
+    Trainer replaying batches) and restores the RNG before the first step;
   * `get_train_dataloader`: our stream shards itself by rank and worker, so it must not be
     wrapped again in the Trainer's `IterableDatasetShard` (which would drop 1 - 1/world of it);
-  * `compute_loss`: strips the stream's bookkeeping (`skips`, `worker`) before the model sees it;
-  * `log`: adds images/s and the data skips summed over workers and ranks;
-  * `_maybe_log_save_evaluate`: at `--image_logging_steps`, reconstructions and DDIM samples
-    go to VisualDL (the stock VisualDL callback logs scalars only).
+  * `training_step`: EMA update after each optimizer step, and skipping a step whose loss is
+    non-finite on any rank;
+  * `compute_loss`: records the stream's bookkeeping (`skips`, `worker`, `position`) and strips
+    it before the model sees the batch;
+  * `log`: adds images/s, skipped non-finite steps and the data skips summed over workers and ranks;
+  * `_save_checkpoint`: atomic (staged, then renamed), with the EMA and every rank's data
+    position, rotated by step;
+  * `_maybe_log_save_evaluate`: SIGTERM -> save and stop; the last step is always saved; at
+    `--image_logging_steps`, reconstructions and DDIM samples go to VisualDL (the stock VisualDL
+    callback logs scalars only).
 """
 import contextlib
 import json
