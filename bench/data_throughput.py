@@ -135,7 +135,7 @@ def main():
             ours = statistics.median(ours_rate(file_list, tokenizer, args.resolution, k, n) for _ in range(args.repeats))
             limit = statistics.median(limit_rate(b64s, args.resolution, k) for _ in range(args.repeats))
             rows.append((k, ours, limit))
-        print(f"\n| workers | ours (rec/s) | limit (rec/s) | ratio | ours per worker |")
+        print("\n| workers | ours (rec/s) | limit (rec/s) | ratio | ours per worker |")
         print("|---|---|---|---|---|")
         for k, ours, limit in rows:
             print(f"| {k} | {ours:.1f} | {limit:.1f} | {ours / limit:.2f} | {ours / k:.1f} |")

@@ -33,6 +33,11 @@ from ppdiffusers.utils.initializer_utils import normal_, reset_initialized_param
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
+def ddim_scheduler() -> DDIMScheduler:
+    """The sampler of the logged images and of the exported pipeline (the seed's settings)."""
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+
+
 def require_local(path: Optional[str], flag: str, what: str = "directory") -> str:
     """Stop at start-up, in one line, when a path is not local: this toolkit never downloads."""
     if not path:
@@ -235,7 +240,7 @@ class LatentDiffusionModel(nn.Layer):
             return self._sample(input_ids, num_inference_steps, guidance_scale, seed)
 
     def _sample(self, input_ids, num_inference_steps, guidance_scale, seed):
-        scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+        scheduler = ddim_scheduler()
         scheduler.set_timesteps(num_inference_steps)
         cond = self.text_encoder(input_ids)[0]
         uncond_ids = self.tokenizer([""] * input_ids.shape[0], padding="max_length", truncation=True, max_length=input_ids.shape[1], return_tensors="pd")["input_ids"]
@@ -263,8 +268,7 @@ class LatentDiffusionModel(nn.Layer):
     # -- export -----------------------------------------------------------------------------
 
     def to_pipeline(self) -> LDMTextToImagePipeline:
-        scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
-        return LDMTextToImagePipeline(vqvae=self.vae, bert=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet, scheduler=scheduler)
+        return LDMTextToImagePipeline(vqvae=self.vae, bert=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet, scheduler=ddim_scheduler())
 
     def save_pipeline(self, output_dir: str) -> None:
         """Write a directory that stock `LDMTextToImagePipeline.from_pretrained` loads (SPEC section 3)."""

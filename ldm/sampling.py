@@ -1,7 +1,6 @@
 """Sampling from a trained model directory with stock ppdiffusers, as a user would."""
 from typing import List
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from ldm.sample_data import follows_prompt, parse_caption

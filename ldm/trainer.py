@@ -22,7 +22,6 @@ import os
 import shutil
 from typing import Dict, Optional
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.io import DataLoader

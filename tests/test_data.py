@@ -70,7 +70,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     lines = [
         f"ok one\t_\t{good}",
         "only two\tcolumns",
-        f"bad base64\t_\t@@@not-base64@@@",
+        "bad base64\t_\t@@@not-base64@@@",
         f"undecodable\t_\t{jpeg_b64()[:40]}",
         f"too small\t_\t{jpeg_b64((20, 20))}",
         f"bomb\t_\t{bomb_b64()}",

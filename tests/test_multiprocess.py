@@ -6,6 +6,7 @@ import re
 import pytest
 
 from conftest import ldm_args, run_script
+from ldm import data
 
 
 def launch(script_args, log_dir):
@@ -46,10 +47,19 @@ def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, tmp_path, kind)
     # Gradients were averaged: both ranks end with the same weights.
     a, b = checksums(logs)
     assert a == b
-    # Each rank read its own shards: both saved a position, for different shards of one pass.
+    # Each rank trained on its own records: it says which shard it reads, and replaying each
+    # rank's shard up to its saved position gives disjoint records.
+    assert "this rank reads shards 0..0" in logs[0] and "this rank reads shards 1..1" in logs[1]
     ckpt = out / "checkpoint-4"
     pos = [json.load(open(ckpt / f"data_position_rank{r}.json")) for r in (0, 1)]
     assert all(p["world_size"] == 2 and p["batches"] > 0 for p in pos)
+    entries = data.read_file_list(shapes["file_list"])
+    seen = []
+    for rank, p in enumerate(pos):
+        draws = p["workers"]["0"]["position"][0]
+        stream = data.ShardStream(entries, rank, 2, seed=23, window=1000)
+        seen.append({(rec.part, rec.line) for _, rec in zip(range(draws), stream)})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
     # Only rank 0 wrote the final model and the VisualDL logs.
     assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
     vdl_files = [f for _, _, files in os.walk(out / "runs") for f in files if f.startswith("vdlrecords")]

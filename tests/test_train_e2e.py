@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, ldm_args, run_script
+from conftest import ldm_args, run_script
 
 
 def vdl_tags(logdir):
