@@ -85,7 +85,7 @@ def main():
     for batch in loader:
         if step >= args.max_train_steps:
             break
-        progress.update(batch.pop("skips"), batch.pop("worker"), batch.pop("position"))
+        progress.update(batch)
         micro += 1
         sync_now = micro % args.gradient_accumulation_steps == 0
         with paddle.amp.auto_cast(enable=args.fp16, level="O1"):

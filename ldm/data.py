@@ -453,9 +453,10 @@ class StreamProgress:
             self.batches = int(resumed["batches"])
             self.workers = {int(w): v for w, v in resumed["workers"].items()}
 
-    def update(self, skips, worker, position) -> None:
+    def update(self, batch: dict) -> None:
+        """Take the stream's bookkeeping out of a collated batch (so the model never sees it)."""
         self.batches += 1
-        skips, worker, position = skips.numpy(), worker.numpy(), position.numpy()
+        skips, worker, position = (batch.pop(k).numpy() for k in ("skips", "worker", "position"))
         for i in range(len(worker)):
             # Within a batch and across batches a worker's position only grows; keep the last.
             self.workers[int(worker[i])] = {"position": position[i].tolist(), "skips": skips[i].tolist()}

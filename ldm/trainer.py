@@ -126,7 +126,7 @@ class StreamTrainer(Trainer):
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False):
-        self.progress.update(inputs.pop("skips"), inputs.pop("worker"), inputs.pop("position"))
+        self.progress.update(inputs)
         self._last_batch = inputs
         loss = model(**inputs)
         return (loss, None) if return_outputs else loss
