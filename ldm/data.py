@@ -12,18 +12,25 @@ How the stream is cut into shards (STYLE 7: one visible, deterministic rule):
     * every pass, the units are permuted with a seed shared by all shards, then dealt
       by stride: shard s reads units s, s+S, s+2S, ...  Every unit belongs to exactly
       one shard, so every readable record is read exactly once per pass.
-Within a shard each filelist is an endless sequence of passes; each unit is read in
-windows of --shuffle_buffer lines that are permuted before they are decoded, and the
-filelists are interleaved by weight. Every random choice is a pure function of
+Within a shard each filelist is an endless sequence of passes. The shard's units of a pass
+are read --parts_per_window at a time, side by side: a shuffle window of --shuffle_buffer
+lines takes the next slice of each open unit and is permuted before it is decoded, so a
+batch mixes several parts (LAION parts are in crawl order: runs of one site, near-duplicates).
+The filelists are interleaved by weight. Every random choice is a pure function of
 (seed, pass, rank, worker), so two runs with the same settings see the same stream, and
 the position in it is a few integers that checkpoints save (exact resume).
 
-Bad data never stops the stream: each skipped record or part is counted by reason.
+Bad data never stops the stream: each skipped record or part is counted by reason
+(SKIP_REASONS), and the first of each reason is logged with its part, line and why.
+A shard that reads a whole pass without one usable record cannot make progress; it then
+yields sentinel samples (`data_error` 1) that tell every rank's training loop to stop
+with one line naming the skips (StreamProgress.fatal), instead of spinning silently.
 """
 import argparse
 import binascii
-from isal import igzip, isal_zlib
+import collections
 import io
+import itertools
 import json
 import math
 import os
@@ -36,28 +43,101 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from isal import igzip, isal_zlib
+from PIL import Image, ImageOps
 
 # Pillow's decompression-bomb guard stays at its default (~89M pixels): an image
 # larger than that is skipped and counted, never decoded. (The seed raised it to 2.3G.)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
+# The order defines the skip-count vector saved in checkpoints: append new reasons only
+# (a shorter saved vector is read as zeros for the reasons added since).
 SKIP_REASONS = (
     "short_line",  # fewer than 3 tab-separated columns, or not UTF-8
-    "bad_base64",
-    "undecodable_image",
+    "bad_base64",  # column 3 is not base64, or is empty
+    "undecodable_image",  # the bytes are not an image Pillow can decode
     "too_small",  # shorter side below --resolution
     "too_many_pixels",  # over Pillow's decompression-bomb limit
     "missing_part",  # a part path that cannot be opened
     "truncated_part",  # a gzip stream that ends early or is corrupt (unread records are lost)
+    "truncated_image",  # an image whose bytes end early (a half-downloaded file)
+    "empty_part",  # a part with no line at all (0 bytes, or an empty gzip)
+    "not_gzip",  # a part named .gz whose bytes are not gzip
+    "extreme_aspect_ratio",  # longer side over --max_aspect_ratio times the shorter
 )
+
+# Default of --parts_per_window: units read side by side into each shuffle window.
+PARTS_PER_WINDOW = 4
+# A shard that has skipped this many records without yielding one says so (early hint).
+EARLY_WARNING_SKIPS = 1000
+
+
+def log(message: str) -> None:
+    """One line on stderr (data workers have no logger of their own; launch logs keep stderr)."""
+    print(f"[ldm.data] {message}", file=sys.stderr, flush=True)
+
+
+class Skip(Exception):
+    """A record (or part) that cannot be used: `reason` is one of SKIP_REASONS, the message says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail)
+        self.reason = reason
 
 
 class SkipCounter(Counter):
-    """Counts of skipped records (or parts) by reason."""
+    """Counts of skipped records (or parts) by reason. The first skip of each reason is logged
+    with where and why, so a bug of ours cannot hide among the counted skips."""
+
+    where = ""  # who skips, e.g. "rank 0 worker 1"; set by the stream that owns the counter
+
+    def skip(self, reason: str, part: str, line: int, detail: str) -> None:
+        self[reason] += 1
+        logged = self.__dict__.setdefault("_logged", set())
+        if reason not in logged:
+            logged.add(reason)
+            at = f"{part} line {line}" if line else part
+            log(f"skipped ({reason}) {at}: {detail} [first {reason} skip{' of ' + self.where if self.where else ''}; further ones are only counted]")
 
     def as_vector(self) -> np.ndarray:
         return np.array([self.get(r, 0) for r in SKIP_REASONS], dtype="int64")
+
+
+def skips_from_vector(vector: Sequence[int]) -> Dict[str, int]:
+    """Skip counts by reason from a saved vector (an older, shorter one leaves the new reasons at 0)."""
+    return {r: int(v) for r, v in zip(SKIP_REASONS, vector)}
+
+
+# What a shard that skipped every record of a pass most likely suffers from, by the reason
+# it skipped most. "{resolution}" is filled in when known.
+LIKELY_CAUSES = {
+    "short_line": "its lines lack the 3 tab-separated columns caption, placeholder, base64 image (or are not UTF-8)",
+    "bad_base64": "column 3 of its lines is not base64",
+    "undecodable_image": "its images do not decode (not an image format Pillow reads)",
+    "truncated_image": "its images are cut off (half-downloaded files)",
+    "too_small": "every image was smaller than --resolution{resolution}: lower --resolution or use larger images",
+    "too_many_pixels": "its images are over Pillow's decompression-bomb limit",
+    "missing_part": "its parts cannot be opened: check the paths in the filelists",
+    "truncated_part": "its gzip parts are corrupt or cut off",
+    "empty_part": "its parts are empty",
+    "not_gzip": "its parts named .gz are not gzip files",
+    "extreme_aspect_ratio": "every image was more elongated than --max_aspect_ratio",
+}
+
+
+def format_skips(skips: Dict[str, int]) -> str:
+    """'too_small: 60, missing_part: 1': the non-zero counts, largest first."""
+    counts = sorted(((r, int(skips.get(r, 0))) for r in SKIP_REASONS if skips.get(r, 0)), key=lambda kv: -kv[1])
+    return ", ".join(f"{r}: {n}" for r, n in counts) or "none"
+
+
+def explain_barren(skips: Dict[str, int], resolution: Optional[int] = None) -> str:
+    """One line: the skip counts of a shard that found nothing to yield, and their likely cause."""
+    counts = {r: int(skips.get(r, 0)) for r in SKIP_REASONS}
+    if not any(counts.values()):
+        return "it holds no record at all"
+    cause = LIKELY_CAUSES[max(counts, key=counts.get)].format(resolution=f" {resolution}" if resolution else "")
+    return f"every record was skipped ({format_skips(skips)}); likely cause: {cause}"
 
 
 # ---------------------------------------------------------------------------
@@ -136,25 +216,51 @@ def shard_units(units: Sequence[Unit], num_shards: int, shard: int, seed: int, l
 # ---------------------------------------------------------------------------
 
 
-def iter_unit_lines(unit: Unit, skips: SkipCounter) -> Iterator[Tuple[int, bytes]]:
-    """Yield (line number, raw line) of a unit; a missing or truncated part is counted, not raised."""
-    # ISA-L's gzip reader (same format, same errors) decompresses ~2x faster than zlib's.
-    opener = igzip.open if unit.part.endswith(".gz") else open
+def open_part(path: str):
+    """A part opened for reading lines; raise Skip for a part that is missing, empty or not gzip."""
     try:
-        f = opener(unit.part, "rb")
-    except OSError:
-        skips["missing_part"] += 1
+        with open(path, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        raise Skip("missing_part", e.strerror or str(e)) from None
+    if not magic:
+        raise Skip("empty_part", "0 bytes")
+    if path.endswith(".gz"):
+        if magic != b"\x1f\x8b":
+            raise Skip("not_gzip", f"starts with {magic!r}, not gzip's 1f 8b")
+        # ISA-L's gzip reader (same format, same errors) decompresses ~2x faster than zlib's.
+        return igzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def iter_unit_lines(unit: Unit, skips: SkipCounter, catch_up: int = 0) -> Iterator[Tuple[int, bytes]]:
+    """Yield (line number, raw line) of a unit; a missing, empty, non-gzip or truncated part is
+    counted, not raised. A part is counted once a pass (by its unit at offset 0, however many
+    units it is split into), and not again for lines a resumed stream re-reads (`catch_up`)."""
+
+    def count(reason, line, detail, at):
+        if unit.offset == 0 and at >= catch_up:
+            skips.skip(reason, unit.part, line, detail)
+
+    try:
+        f = open_part(unit.part)
+    except Skip as e:
+        count(e.reason, 0, str(e), 0)
         return
     with f:
-        line_no = 0
+        line_no = n = 0
         try:
             for raw in f:
                 line_no += 1
                 if (line_no - 1) % unit.stride == unit.offset:
+                    n += 1
                     yield line_no, raw
-        except (EOFError, OSError, zlib.error, isal_zlib.error):
+        except (EOFError, OSError, zlib.error, isal_zlib.error) as e:
             # Records already yielded stand; the rest of this part is lost and counted once.
-            skips["truncated_part"] += 1
+            count("truncated_part", line_no, f"{type(e).__name__}: {e} (after line {line_no})", n)
+            return
+        if line_no == 0:
+            count("empty_part", 0, "no lines", 0)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -181,35 +287,60 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(data: bytes, resolution: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    """Decode, resize the shorter side to `resolution`, centre-crop; CHW uint8 (0..255)."""
+def looks_cut(data: bytes, error: Exception) -> bool:
+    """Whether a decode error comes from an image whose bytes end early (a half-downloaded file)."""
+    if "truncated" in str(error):  # Pillow's message for JPEG, PNG, GIF, ...
+        return True
+    # libwebp only says "could not create decoder object"; a RIFF header states the file's size.
+    return data[:4] == b"RIFF" and len(data) < int.from_bytes(data[4:8], "little") + 8
+
+
+def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float] = None) -> np.ndarray:
+    """Decode, apply the EXIF orientation, resize the shorter side to `resolution`, centre-crop;
+    CHW uint8 (0..255). Any failure raises Skip, pixel decoding included: Pillow opens lazily and
+    a cut file only fails when its pixels are read (in the resize), so all of it is guarded here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-        w, h = image.size
-        if w * h > MAX_PIXELS:
-            return None, "too_many_pixels"
-        if min(w, h) < resolution:
-            return None, "too_small"
-        # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is
-        # much smaller than the image; Pillow keeps the result >= the requested size.
-        scale = resolution / min(w, h)
-        image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-        image = to_rgb(image)
-    except Image.DecompressionBombError:
-        return None, "too_many_pixels"
-    except Exception:  # Pillow raises many types for corrupt data; all mean "undecodable"
-        return None, "undecodable_image"
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    # uint8 CHW: a quarter of float32's bytes through the workers' shared memory and the
-    # collation; the model maps it to [-1, 1] on its device (ldm.model.to_model_range).
-    return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)), None
+            w, h = image.size
+            if w * h > MAX_PIXELS:
+                raise Skip("too_many_pixels", f"{w}x{h} pixels, over Pillow's limit of {MAX_PIXELS}")
+            if min(w, h) < resolution:
+                raise Skip("too_small", f"{w}x{h} pixels, shorter side below --resolution {resolution}")
+            if max_aspect_ratio and max(w, h) > max_aspect_ratio * min(w, h):
+                raise Skip("extreme_aspect_ratio", f"{w}x{h} pixels, more elongated than --max_aspect_ratio {max_aspect_ratio}")
+            # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is
+            # much smaller than the image; Pillow keeps the result >= the requested size.
+            scale = resolution / min(w, h)
+            image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            # Phone photos store their pixels sideways plus an EXIF orientation: turn them upright
+            # before cropping (a quarter turn keeps the shorter side, so the checks above stand).
+            ImageOps.exif_transpose(image, in_place=True)
+            image = to_rgb(image)
+            w, h = image.size
+            scale = resolution / min(w, h)
+            new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+            left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+            image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+            image = image.crop((left, top, left + resolution, top + resolution))
+            # uint8 CHW: a quarter of float32's bytes through the workers' shared memory and the
+            # collation; the model maps it to [-1, 1] on its device (ldm.model.to_model_range).
+            return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+    except Skip:
+        raise
+    except Image.DecompressionBombError as e:
+        raise Skip("too_many_pixels", str(e)) from None
+    except Exception as e:  # Pillow raises many types for corrupt data; all mean "cannot decode"
+        raise Skip("truncated_image" if looks_cut(data, e) else "undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
+def load_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float] = None) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """decode_image as (pixels, None), or (None, skip reason)."""
+    try:
+        return decode_image(data, resolution, max_aspect_ratio), None
+    except Skip as e:
+        return None, e.reason
 
 
 def parse_line(raw: bytes) -> Tuple[Optional[str], Optional[bytes], Optional[str]]:
@@ -244,42 +375,51 @@ class RawRecord:
     list_index: int
 
 
-# A shard's position in one filelist: (pass, unit position in the pass's order, window of
-# the unit, records of the window already yielded). Four integers, so it travels with
-# every sample and a checkpoint can store exactly where each worker's stream stood.
+# A shard's position in one filelist: (pass, group of units in the pass, window of the group,
+# records of the window already yielded). Four integers, so it travels with every sample and
+# a checkpoint can store exactly where each worker's stream stood.
 CURSOR_FIELDS = 4
 
 
-def unit_windows(unit: Unit, window: int, skips: SkipCounter, first_window: int = 0) -> Iterator[List[Tuple[int, bytes]]]:
-    """The unit's lines in consecutive windows of `window` lines; lines of windows before
+def group_windows(units: Sequence[Unit], window: int, skips: SkipCounter, first_window: int = 0) -> Iterator[List[Tuple[str, int, bytes]]]:
+    """Windows of (part, line number, raw line) read from a group of units side by side.
+
+    Window w holds lines [w*c, (w+1)*c) of each unit, c = ceil(window / len(units)); a unit
+    that has run out adds nothing, and the group ends when all have. Lines of windows before
     `first_window` are read past without being kept (how a resumed stream catches up)."""
-    batch: List[Tuple[int, bytes]] = []
-    for n, (line_no, raw) in enumerate(iter_unit_lines(unit, skips)):
-        if n < first_window * window:
-            continue
-        batch.append((line_no, raw))
-        if len(batch) == window:
-            yield batch
-            batch = []
-    if batch:
+    chunk = max(1, math.ceil(window / len(units)))
+    readers = []
+    for unit in units:
+        lines = iter_unit_lines(unit, skips, catch_up=first_window * chunk)
+        collections.deque(itertools.islice(lines, first_window * chunk), maxlen=0)
+        readers.append((unit.part, lines))
+    while True:
+        batch = [(part, line_no, raw) for part, lines in readers for line_no, raw in itertools.islice(lines, chunk)]
+        if not batch:
+            return
         yield batch
 
 
 class ShardStream:
     """The endless record stream of one shard (one rank's one dataloader worker).
 
-    Shuffling is by window: `window` consecutive lines of a unit are read, permuted, and
-    yielded, so the stream's position is four small integers per filelist (see
-    CURSOR_FIELDS) and resuming re-reads at most one window per filelist.
+    Shuffling is by window: a group of `parts_per_window` units is read side by side, `window`
+    lines at a time, and each window is permuted before it is yielded, so the stream's position
+    is four small integers per filelist (see CURSOR_FIELDS) and resuming re-reads at most one
+    window per filelist. `passes` (default: endless) stops each filelist after that many passes.
     """
 
-    def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, window: int, state: Optional[np.ndarray] = None):
+    def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, window: int, state: Optional[np.ndarray] = None,
+                 parts_per_window: int = PARTS_PER_WINDOW, passes: Optional[int] = None):
         self.entries = entries
         self.shard = shard
         self.num_shards = num_shards
         self.seed = seed
         self.window = max(1, window)
+        self.parts_per_window = max(1, parts_per_window)
+        self.passes = passes
         self.skips = SkipCounter()
+        self.ended = set()  # filelists whose stream ended: a whole pass without one line
         self.units = [make_units(e.parts, num_shards) for e in entries]
         weights = np.array([e.weight for e in entries], dtype=np.float64)
         self.cum_weights = np.cumsum(weights / weights.sum())
@@ -297,20 +437,24 @@ class ShardStream:
         while True:
             pass_index = int(cursor[0])
             units = shard_units(self.units[list_index], self.num_shards, self.shard, self.seed, list_index, pass_index)
+            groups = [units[i : i + self.parts_per_window] for i in range(0, len(units), self.parts_per_window)]
             resumed_midway = bool(cursor[1:].any())
             got_any = False
-            for unit_pos in range(int(cursor[1]), len(units)):
-                for w, window in enumerate(unit_windows(units[unit_pos], self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
-                    order = np.random.default_rng([self.seed, list_index, pass_index, self.shard, unit_pos, w]).permutation(len(window))
+            for g in range(int(cursor[1]), len(groups)):
+                for w, window in enumerate(group_windows(groups[g], self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
+                    order = np.random.default_rng([self.seed, list_index, pass_index, self.shard, g, w]).permutation(len(window))
                     for k in range(int(cursor[3]), len(order)):
-                        line_no, raw = window[order[k]]
-                        cursor[:] = (pass_index, unit_pos, w, k + 1)
+                        part, line_no, raw = window[order[k]]
+                        cursor[:] = (pass_index, g, w, k + 1)
                         got_any = True
-                        yield RawRecord(units[unit_pos].part, line_no, raw, pass_index, list_index)
+                        yield RawRecord(part, line_no, raw, pass_index, list_index)
                     cursor[2:] = (w + 1, 0)
-                cursor[1:] = (unit_pos + 1, 0, 0)
+                cursor[1:] = (g + 1, 0, 0)
+            if self.passes is not None and pass_index + 1 >= self.passes:
+                return
             if not got_any and not resumed_midway:
-                return  # a whole pass with nothing readable for this shard: end it, never spin
+                self.ended.add(list_index)
+                return  # a whole pass without one line for this shard: end it, never spin
             cursor[:] = (pass_index + 1, 0, 0, 0)
 
     def __iter__(self) -> Iterator[RawRecord]:
@@ -351,11 +495,12 @@ def _worker():
 
 
 class TextImageStream:
-    """IterableDataset of {"pixel_values", "input_ids", "skips", "worker", "position"} for training.
+    """IterableDataset of {"pixel_values", "input_ids", "skips", "worker", "position", "data_error"} for training.
 
     Besides the sample, each item carries its worker's cumulative skip counts (by
     SKIP_REASONS) and the worker's stream position just after it, so the training loop
-    can log the skips and checkpoint exactly where every worker stood (`resume`).
+    can log the skips and checkpoint exactly where every worker stood (`resume`);
+    `data_error` is 1 on the sentinels a barren shard yields instead (see `__iter__`).
     """
 
     def __init__(
@@ -369,6 +514,8 @@ class TextImageStream:
         seed: int = 0,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        parts_per_window: int = PARTS_PER_WINDOW,
+        max_aspect_ratio: Optional[float] = None,
     ):
         self.entries = read_file_list(file_list)
         self.resolution = resolution
@@ -377,6 +524,8 @@ class TextImageStream:
         self.caption_dropout = caption_dropout
         self.buffer_size = buffer_size
         self.seed = seed
+        self.parts_per_window = parts_per_window
+        self.max_aspect_ratio = max_aspect_ratio
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -397,27 +546,58 @@ class TextImageStream:
                              f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start the data stream afresh")
         self.resume_state = state
 
-    def shard_stream(self, worker: int, num_workers: int) -> ShardStream:
+    def shard_stream(self, worker: int, num_workers: int, passes: Optional[int] = None) -> ShardStream:
         shard = self.rank * num_workers + worker
         state, skips = None, None
         if self.resume_state is not None:
             saved = self.resume_state["workers"].get(str(worker))
             if saved is not None:
                 state, skips = saved["position"], saved["skips"]
-        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state)
+        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes)
+        stream.skips.where = f"rank {self.rank} worker {worker}"
         if skips is not None:
-            stream.skips.update(dict(zip(SKIP_REASONS, skips)))
+            stream.skips.update(skips_from_vector(skips))
         return stream
 
     def records(self, stream: ShardStream) -> Iterator[dict]:
-        """Decoded records of one shard: dicts with part, line, caption and image."""
+        """Decoded records of one shard: dicts with part, line, caption and image.
+
+        Ends when the shard is barren: every filelist has read a whole pass (from its start)
+        without one usable record, or has no line left. The stream is otherwise endless, and
+        skipped lines must not count as progress, or a shard whose every record is skipped
+        (e.g. every image smaller than --resolution) would spin forever without a word.
+        """
+        lists = range(len(self.entries))
+        # Per filelist: the pass being read, whether it yielded, the first pass read from its start.
+        current = {i: int(stream.cursor(i)[0]) for i in lists}
+        yielded = {i: False for i in lists}
+        whole_from = {i: int(stream.cursor(i)[0]) + int(stream.cursor(i)[1:].any()) for i in lists}
+        barren, skipped, any_yield = set(), 0, False
         for rec in stream:
-            caption, data, reason = parse_line(rec.raw)
-            if reason is None:
-                pixels, reason = load_image(data, self.resolution)
-            if reason is not None:
-                stream.skips[reason] += 1
+            i = rec.list_index
+            if rec.pass_index != current[i]:
+                if not yielded[i] and current[i] >= whole_from[i]:
+                    if barren | stream.ended | {i} >= set(lists):
+                        return
+                    if i not in barren:
+                        log(f"{stream.skips.where}: a whole pass of filelist {self.entries[i].path} without one usable record "
+                            f"(the other filelists go on); skips so far: {format_skips(stream.skips)}")
+                    barren.add(i)
+                current[i], yielded[i] = rec.pass_index, False
+            try:
+                caption, data, reason = parse_line(rec.raw)
+                if reason is not None:
+                    raise Skip(reason, "not 3 tab-separated UTF-8 columns" if reason == "short_line" else "column 3 is not base64")
+                pixels = decode_image(data, self.resolution, self.max_aspect_ratio)
+            except Skip as e:
+                stream.skips.skip(e.reason, rec.part, rec.line, str(e))
+                skipped += 1
+                if skipped == EARLY_WARNING_SKIPS and not any_yield:
+                    log(f"{stream.skips.where}: no usable record among the first {skipped} read: {explain_barren(stream.skips, self.resolution)}; "
+                        "the run stops if a whole pass yields none")
                 continue
+            yielded[i], any_yield = True, True
+            barren.discard(i)
             yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, "pixel_values": pixels}
 
     def __iter__(self):
@@ -429,26 +609,39 @@ class TextImageStream:
         worker = (loader_worker + offset) % num_workers
         stream = self.shard_stream(worker, num_workers)
         for rec in self.records(stream):
-            sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker), "position": stream.state.copy()}
+            sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker),
+                      "position": stream.state.copy(), "data_error": np.int64(0)}
             if self.tokenizer is not None:
                 # Caption dropout for classifier-free guidance, seeded by the record's place in the stream.
                 drop = np.random.default_rng([self.seed, stream.shard, int(stream.state[0]), 3]).random() < self.caption_dropout
                 sample["input_ids"] = self.encode_caption("" if drop else rec["caption"])
             yield sample
-
+        # Only a barren shard gets here (the stream is endless). Exiting this worker would leave
+        # the other ranks waiting in the gradient all-reduce; instead send sentinels, which make
+        # StreamProgress.fatal say why, and the training loops stop on every rank at one step.
+        log(f"{stream.skips.where} has nothing to train on: {explain_barren(stream.skips, self.resolution)}; stopping the run")
+        while True:
+            sample = {"pixel_values": np.zeros((3, self.resolution, self.resolution), np.uint8), "skips": stream.skips.as_vector(),
+                      "worker": np.int64(worker), "position": stream.state.copy(), "data_error": np.int64(1)}
+            if self.tokenizer is not None:
+                sample["input_ids"] = np.full(self.max_length, self.tokenizer.pad_token_id, dtype="int64")
+            yield sample
 
 class StreamProgress:
     """Where each dataloader worker's stream stood after the last consumed sample, and its skips.
 
     Filled from the bookkeeping each sample carries (ldm.data.TextImageStream); saved with
     every checkpoint so a resumed run reads exactly the records the uninterrupted run would.
+    `fatal` is None, or the one-line reason this rank's data cannot go on (a barren shard).
     """
 
-    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None):
+    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None, resolution: Optional[int] = None):
         self.world_size = world_size
         self.num_workers = max(1, num_workers)
+        self.resolution = resolution
         self.batches = 0
         self.workers: Dict[int, dict] = {}
+        self.fatal: Optional[str] = None
         if resumed:
             self.batches = int(resumed["batches"])
             self.workers = {int(w): v for w, v in resumed["workers"].items()}
@@ -456,10 +649,13 @@ class StreamProgress:
     def update(self, batch: dict) -> None:
         """Take the stream's bookkeeping out of a collated batch (so the model never sees it)."""
         self.batches += 1
-        skips, worker, position = (batch.pop(k).numpy() for k in ("skips", "worker", "position"))
+        skips, worker, position, error = (batch.pop(k).numpy() for k in ("skips", "worker", "position", "data_error"))
         for i in range(len(worker)):
             # Within a batch and across batches a worker's position only grows; keep the last.
             self.workers[int(worker[i])] = {"position": position[i].tolist(), "skips": skips[i].tolist()}
+            if error[i] and self.fatal is None:
+                self.fatal = (f"error: data worker {int(worker[i])} of rank {max(0, current_rank_and_world()[0])} read a whole pass of its "
+                              f"shard of --file_list and {explain_barren(skips_from_vector(skips[i]), self.resolution)}")
 
     def state_dict(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
@@ -472,7 +668,8 @@ class StreamProgress:
 
         local = np.zeros(len(SKIP_REASONS), "int64")
         for v in self.workers.values():
-            local += np.asarray(v["skips"], dtype="int64")
+            saved = np.asarray(v["skips"], dtype="int64")[: len(SKIP_REASONS)]
+            local[: len(saved)] += saved  # a checkpoint from before newer reasons has a shorter vector
         total = paddle.to_tensor(local)
         if dist.get_world_size() > 1:
             dist.all_reduce(total)
@@ -506,20 +703,16 @@ def as_paddle_dataset(stream: TextImageStream):
 # ---------------------------------------------------------------------------
 
 
-def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=sys.stdout):
-    """Print the pass-0 records of each of the rank's workers; return summed skip counts."""
-    stream = TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size)
+def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=sys.stdout,
+                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None):
+    """Print the pass-0 records of each of the rank's workers; return the number read and summed skip counts."""
+    stream = TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size,
+                             parts_per_window=parts_per_window, max_aspect_ratio=max_aspect_ratio)
     total = SkipCounter()
     read = 0
     for worker in range(num_workers):
-        shard = stream.shard_stream(worker, num_workers)
-        finished = set()  # filelists that have started their second pass
+        shard = stream.shard_stream(worker, num_workers, passes=1)
         for rec in stream.records(shard):
-            if rec["pass"] > 0:
-                finished.add(rec["list"])
-                if len(finished) == len(stream.entries):
-                    break
-                continue
             read += 1
             _, h, w = rec["pixel_values"].shape
             out.write(json.dumps({"part": rec["part"], "line": rec["line"], "worker": worker, "caption": rec["caption"], "width": w, "height": h}) + "\n")
@@ -536,14 +729,24 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=0, help="Dataloader workers per rank; 0 means the main process reads (one shard).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the part order and the shuffle.")
     parser.add_argument("--buffer_size", type=int, default=1000, help="Lines read and shuffled together (--shuffle_buffer of the training scripts).")
+    parser.add_argument("--parts_per_window", type=int, default=PARTS_PER_WINDOW, help="Parts each worker reads side by side into one shuffle window.")
+    parser.add_argument("--max_aspect_ratio", type=float, default=None, help="Skip images whose longer side is over this many times the shorter; unset keeps all.")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")
+    for flag in ("resolution", "buffer_size", "parts_per_window"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
+        parser.error(f"--max_aspect_ratio must be >= 1 (longer side over shorter), got {args.max_aspect_ratio}")
     try:
-        read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed, args.buffer_size)
+        read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed,
+                                   args.buffer_size, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if read == 0:
+        log(f"rank {args.rank} would train on nothing: {explain_barren(skips, args.resolution)}")
     summary = {"read": read, "skipped": {r: skips.get(r, 0) for r in SKIP_REASONS}}
     print(json.dumps(summary), file=sys.stderr)
     return 0

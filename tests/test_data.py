@@ -3,6 +3,8 @@ import base64
 import io
 import json
 import os
+import re
+import time
 
 import numpy as np
 import pytest
@@ -12,25 +14,28 @@ from conftest import jpeg_b64, make_parts, run_script, write_lists, write_part
 from ldm import data
 
 
-def inspect(file_list, world_size, num_workers, resolution=32, seed=0):
-    """Records of one pass over all ranks via the real CLI, plus each rank's summary."""
+def inspect(file_list, world_size, num_workers, resolution=32, seed=0, extra=(), logs=None):
+    """Records of one pass over all ranks via the real CLI, plus each rank's summary (and stderr in `logs`)."""
     records, summaries = [], []
     for rank in range(world_size):
         res = run_script(["-m", "ldm.data", "--file_list", file_list, "--resolution", str(resolution), "--rank", str(rank),
-                          "--world_size", str(world_size), "--num_workers", str(num_workers), "--seed", str(seed), "--buffer_size", "8"])
+                          "--world_size", str(world_size), "--num_workers", str(num_workers), "--seed", str(seed), "--buffer_size", "8", *extra])
         assert res.returncode == 0, res.stderr
         rows = [json.loads(line) for line in res.stdout.splitlines()]
         for row in rows:
             row["rank"] = rank
         records += rows
         summaries.append(json.loads(res.stderr.strip().splitlines()[-1]))
+        if logs is not None:
+            logs.append(res.stderr)
     return records, summaries
 
 
-@pytest.mark.parametrize("num_parts,world_size,num_workers", [(3, 1, 0), (5, 2, 2), (10, 4, 4), (1, 2, 3)])
-def test_every_record_exactly_once(tmp_path, num_parts, world_size, num_workers):
+@pytest.mark.parametrize("num_parts,world_size,num_workers,parts_per_window",
+                         [(3, 1, 0, 4), (5, 2, 2, 4), (10, 4, 4, 4), (1, 2, 3, 4), (8, 1, 0, 3), (9, 2, 1, 2), (4, 1, 1, 1)])
+def test_every_record_exactly_once(tmp_path, num_parts, world_size, num_workers, parts_per_window):
     parts = make_parts(tmp_path, num_parts, 7)
-    records, summaries = inspect(write_lists(tmp_path, parts), world_size, num_workers)
+    records, summaries = inspect(write_lists(tmp_path, parts), world_size, num_workers, extra=["--parts_per_window", str(parts_per_window)])
     keys = [(r["part"], r["line"]) for r in records]
     expected = {(p, n) for p in parts for n in range(1, 8)}
     assert len(keys) == len(set(keys)), "a record was yielded twice"
@@ -71,9 +76,10 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         f"ok one\t_\t{good}",
         "only two\tcolumns",
         "bad base64\t_\t@@@not-base64@@@",
-        f"undecodable\t_\t{jpeg_b64()[:40]}",
+        f"undecodable\t_\t{base64.b64encode(b'not an image at all').decode()}",
         f"too small\t_\t{jpeg_b64((20, 20))}",
         f"bomb\t_\t{bomb_b64()}",
+        f"banner 1:6\t_\t{jpeg_b64((240, 40))}",
         f"ok two\t_\t{good}\textra\tcolumns",
     ]
     part = str(tmp_path / "part-00000.gz")
@@ -84,9 +90,19 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     raw = open(truncated, "rb").read()
     open(truncated, "wb").write(raw[: len(raw) // 2])
     missing = str(tmp_path / "part-00002.gz")
-    records, summaries = inspect(write_lists(tmp_path, [part, truncated, missing]), 1, 0)
+    zero_bytes = tmp_path / "part-00003.gz"
+    zero_bytes.write_bytes(b"")
+    empty_gzip = str(tmp_path / "part-00004.gz")
+    write_part(empty_gzip, [])
+    plain_named_gz = tmp_path / "part-00005.gz"
+    plain_named_gz.write_text(f"plain\t_\t{good}\n")
+    plain = str(tmp_path / "part-00006.txt")  # not named .gz: read as plain text (SPEC 2)
+    write_part(plain, [f"plain text part\t_\t{good}"])
+    file_list = write_lists(tmp_path, [part, truncated, missing, str(zero_bytes), empty_gzip, str(plain_named_gz), plain])
+    logs = []
+    records, summaries = inspect(file_list, 1, 0, extra=["--max_aspect_ratio", "4"], logs=logs)
     captions = {r["caption"] for r in records}
-    assert {"ok one", "ok two"} <= captions
+    assert {"ok one", "ok two", "plain text part"} <= captions
     assert any(c.startswith("t") for c in captions)
     skipped = summaries[0]["skipped"]
     assert skipped["short_line"] == 1
@@ -94,8 +110,55 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert skipped["undecodable_image"] == 1
     assert skipped["too_small"] == 1
     assert skipped["too_many_pixels"] == 1
+    assert skipped["extreme_aspect_ratio"] == 1
     assert skipped["missing_part"] == 1
     assert skipped["truncated_part"] == 1
+    assert skipped["empty_part"] == 2
+    assert skipped["not_gzip"] == 1
+    assert skipped["truncated_image"] == 0
+    # The first skip of each reason is logged once, with where and why.
+    assert re.search(rf"skipped \(undecodable_image\) {re.escape(part)} line 4: UnidentifiedImageError", logs[0])
+    assert re.search(rf"skipped \(not_gzip\) {re.escape(str(plain_named_gz))}: starts with b'pl'", logs[0])
+    assert re.search(r"skipped \(too_small\) .* line 5: 20x20 pixels", logs[0])
+    assert logs[0].count("skipped (empty_part)") == 1
+    # Without --max_aspect_ratio the banner is kept (centre-cropped), as the seed does.
+    records, _ = inspect(file_list, 1, 0)
+    assert "banner 1:6" in {r["caption"] for r in records}
+
+
+def cut_image_b64(fmt, **save_args):
+    """A noisy 64 x 64 image encoded as `fmt`, cut at half its bytes (a half-downloaded file)."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    buf = io.BytesIO()
+    image.convert("P" if fmt == "GIF" else "RGB").save(buf, format=fmt, **save_args)
+    raw = buf.getvalue()
+    return base64.b64encode(raw[: len(raw) // 2]).decode()
+
+
+CUT_IMAGES = {"png": ("PNG", {}), "jpeg": ("JPEG", {}), "progressive_jpeg": ("JPEG", {"progressive": True}),
+              "webp": ("WEBP", {}), "gif": ("GIF", {})}
+
+
+@pytest.mark.parametrize("name", sorted(CUT_IMAGES))
+def test_cut_image_is_a_truncated_image_skip(name):
+    fmt, save_args = CUT_IMAGES[name]
+    pixels, reason = data.load_image(base64.b64decode(cut_image_b64(fmt, **save_args)), 32)
+    assert pixels is None and reason == "truncated_image"
+
+
+def test_cut_images_never_stop_the_stream(tmp_path):
+    """Pillow opens lazily: a cut file fails only when its pixels are decoded, which must be inside the guard."""
+    good = jpeg_b64((40, 40))
+    lines = [f"cut {name}\t_\t{cut_image_b64(fmt, **args)}" for name, (fmt, args) in sorted(CUT_IMAGES.items())]
+    part = str(tmp_path / "part-00000.gz")
+    write_part(part, [f"ok\t_\t{good}", *lines, f"ok again\t_\t{good}"])
+    logs = []
+    records, summaries = inspect(write_lists(tmp_path, [part]), 1, 0, logs=logs)
+    assert sorted(r["caption"] for r in records) == ["ok", "ok again"]
+    assert summaries[0]["skipped"]["truncated_image"] == len(CUT_IMAGES)
+    assert summaries[0]["skipped"]["undecodable_image"] == 0
+    assert len(re.findall(rf"skipped \(truncated_image\) {re.escape(part)} line [2-6]: OSError", logs[0])) == 1
 
 
 def bomb_b64():
@@ -177,8 +240,9 @@ def test_weighted_filelists_are_drawn_by_weight(tmp_path):
     assert 0.68 < share_a < 0.82
 
 
+@pytest.mark.parametrize("parts_per_window", [1, 2, 4])
 @pytest.mark.parametrize("cut", [0, 1, 5, 13, 29, 57])
-def test_stream_resumes_exactly_from_a_saved_position(tmp_path, cut):
+def test_stream_resumes_exactly_from_a_saved_position(tmp_path, cut, parts_per_window):
     """Restarting a shard from the position after record `cut` yields what the uninterrupted stream yields next."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -195,10 +259,130 @@ def test_stream_resumes_exactly_from_a_saved_position(tmp_path, cut):
             if len(out) == n:
                 return out, stream.state.copy()
 
-    full, _ = take(data.ShardStream(entries, 1, 2, seed=3, window=3), 80)
-    head, state = take(data.ShardStream(entries, 1, 2, seed=3, window=3), cut) if cut else ([], None)
-    tail, _ = take(data.ShardStream(entries, 1, 2, seed=3, window=3, state=state), 80 - cut)
+    def stream(state=None):
+        return data.ShardStream(entries, 1, 2, seed=3, window=3, state=state, parts_per_window=parts_per_window)
+
+    full, _ = take(stream(), 80)
+    head, state = take(stream(), cut) if cut else ([], None)
+    tail, _ = take(stream(state), 80 - cut)
     assert head + tail == full
+
+
+def test_a_batch_mixes_several_parts(tmp_path):
+    """LAION parts are in crawl order: a worker reads --parts_per_window parts side by side into each window."""
+    parts = [str(tmp_path / f"part-{p:05d}.gz") for p in range(8)]
+    for p, path in enumerate(parts):
+        write_part(path, [f"part {p} line {n}\t_\tAAAA" for n in range(192)])  # raw records: never decoded here
+    entries = data.read_file_list(write_lists(tmp_path, parts))
+
+    def parts_per_batch(parts_per_window):
+        stream = data.ShardStream(entries, 0, 1, seed=0, window=64, parts_per_window=parts_per_window)
+        records = [rec.part for _, rec in zip(range(8 * 192), stream)]
+        assert sorted(records) == sorted(p for p in parts for _ in range(192)), "one pass reads every record once"
+        return np.mean([len(set(records[i : i + 16])) for i in range(0, len(records), 16)])
+
+    assert parts_per_batch(1) == 1.0  # the seed's way: every batch from one part
+    assert parts_per_batch(4) > 3.5
+
+
+def test_exif_orientation_is_applied_before_the_crop():
+    """A phone photo stores its pixels sideways plus an EXIF orientation; the model must see it upright."""
+    upright = Image.new("RGB", (64, 32), (255, 0, 0))
+    upright.paste((0, 0, 255), (32, 0, 64, 32))  # left half red, right half blue
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 32 x 64, as the camera wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    pixels, reason = data.load_image(buf.getvalue(), 32)
+    assert reason is None and pixels.shape == (3, 32, 32)
+    left, right = pixels[:, :, :8].reshape(3, -1).mean(1), pixels[:, :, -8:].reshape(3, -1).mean(1)
+    assert left[0] > 200 and left[2] < 60, "left of the crop should be red"
+    assert right[2] > 200 and right[0] < 60, "right of the crop should be blue"
+
+
+def test_max_aspect_ratio_skips_elongated_images():
+    banner = base64.b64decode(jpeg_b64((240, 40)))
+    assert data.load_image(banner, 32)[1] is None  # kept by default, as the seed does
+    assert data.load_image(banner, 32, max_aspect_ratio=6.0)[1] is None
+    assert data.load_image(banner, 32, max_aspect_ratio=5.9) == (None, "extreme_aspect_ratio")
+    tall = base64.b64decode(jpeg_b64((40, 240)))
+    assert data.load_image(tall, 32, max_aspect_ratio=3.0) == (None, "extreme_aspect_ratio")
+
+
+def collated(stream, batches, batch_size=4):
+    """The first `batches` batches of a stream through paddle's DataLoader (as training reads it)."""
+    from paddle.io import DataLoader
+
+    loader = DataLoader(data.as_paddle_dataset(stream), batch_size=batch_size, num_workers=0)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == batches:
+            return out
+
+
+def test_a_pass_with_every_record_skipped_stops_the_run(tmp_path, shapes):
+    """40 px images at --resolution 64: the stream must not spin; it sends sentinels that set progress.fatal."""
+    from paddlenlp.transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
+    parts = make_parts(tmp_path, 3, 30, size=(40, 36))
+    stream = data.TextImageStream(write_lists(tmp_path, parts), 64, tokenizer, 16, seed=0, rank=0, world_size=1, buffer_size=8)
+    start = time.time()
+    progress = data.StreamProgress(1, 0, resolution=64)
+    for batch in collated(stream, 3):
+        assert batch["pixel_values"].shape == [4, 3, 64, 64] and batch["input_ids"].shape == [4, 16]
+        progress.update(batch)
+        assert set(batch) == {"pixel_values", "input_ids"}, "bookkeeping (data_error included) is popped"
+    assert time.time() - start < 30
+    assert progress.fatal is not None and "\n" not in progress.fatal
+    assert "too_small: 90" in progress.fatal and "smaller than --resolution 64" in progress.fatal
+
+
+def test_real_samples_carry_no_data_error_and_fatal_stays_unset(tmp_path):
+    stream = data.TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 2, 6)), 32, seed=0, rank=0, world_size=1, buffer_size=4)
+    progress = data.StreamProgress(1, 0)
+    for batch in collated(stream, 6):  # 24 samples: two passes over 12 records
+        progress.update(batch)
+    assert progress.fatal is None
+
+
+def test_one_barren_filelist_does_not_stop_the_others(tmp_path):
+    (tmp_path / "small").mkdir()
+    good = make_parts(tmp_path, 1, 5, size=(40, 36))
+    small = make_parts(tmp_path / "small", 1, 5, size=(20, 20))
+    (tmp_path / "good.filelist").write_text(good[0] + "\n")
+    (tmp_path / "small.filelist").write_text(small[0] + "\n")
+    (tmp_path / "w.list").write_text(f"{tmp_path / 'good.filelist'}\n{tmp_path / 'small.filelist'}\n")
+    stream = data.TextImageStream(str(tmp_path / "w.list"), 32, seed=0, rank=0, world_size=1, buffer_size=4)
+    samples = [s for _, s in zip(range(40), stream)]  # 8 passes of the good filelist
+    assert all(s["data_error"] == 0 for s in samples)
+    assert samples[-1]["skips"][data.SKIP_REASONS.index("too_small")] >= 20
+
+
+def test_early_hint_when_the_first_records_are_all_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "EARLY_WARNING_SKIPS", 5)
+    stream = data.TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 1, 8)), 64, seed=0, rank=0, world_size=1)
+    list(stream.records(stream.shard_stream(0, 1)))
+    err = capsys.readouterr().err
+    assert "no usable record among the first 5 read" in err and "too_small: 5" in err
+
+
+def test_inspect_ends_a_barren_pass_and_says_why(tmp_path):
+    res = run_script(["-m", "ldm.data", "--file_list", write_lists(tmp_path, make_parts(tmp_path, 2, 4)), "--resolution", "64"])
+    assert res.returncode == 0
+    assert res.stdout == ""
+    assert "every image was smaller than --resolution 64" in res.stderr
+    assert json.loads(res.stderr.strip().splitlines()[-1])["skipped"]["too_small"] == 8
+
+
+def test_resumed_skip_counts_from_an_older_checkpoint_are_padded(tmp_path):
+    stream = data.TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 1, 3)), 32, seed=0, rank=0, world_size=1)
+    old = {"position": [0] * (1 + data.CURSOR_FIELDS), "skips": [1, 2, 3, 4, 5, 6, 7]}  # before truncated_image etc.
+    stream.resume({"world_size": 1, "num_workers": 1, "batches": 0, "workers": {"0": old}}, 0)
+    vector = stream.shard_stream(0, 1).skips.as_vector()
+    assert vector.tolist() == [1, 2, 3, 4, 5, 6, 7] + [0] * (len(data.SKIP_REASONS) - 7)
 
 
 def test_fast_caption_encoder_gives_the_paddlenlp_ids(shapes):
