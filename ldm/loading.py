@@ -1,0 +1,209 @@
+"""Using a trained model: load it from any directory a run writes, and generate images with it.
+
+A model directory is one of
+  * a pipeline directory (SPEC section 3: model_index.json, vqvae/, bert/, tokenizer/, unet/,
+    scheduler/): the final --output_dir of either training script, or anything stock
+    `LDMTextToImagePipeline.save_pretrained` wrote. It is loaded with stock ppdiffusers.
+  * a `checkpoint-N/` of either training script: the explicit loop's `model.safetensors` or the
+    Trainer's `model_state.pdparams`, optionally `ema.safetensors`, and `args.json` (the run's
+    arguments). The model is rebuilt from args.json with `ldm.model.create_model`, as the run
+    built it, and the checkpoint's weights (the EMA ones when present) are loaded on top.
+Either way the result is a stock `LDMTextToImagePipeline`, and sampling goes through its
+`__call__`, as a user of the exported model would sample.
+"""
+import dataclasses
+import json
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import paddle
+from PIL import Image, ImageDraw
+
+PIPELINE_PARTS = ("vqvae", "bert", "tokenizer", "unet", "scheduler")
+SCHEDULERS = ("ddim", "pndm", "dpm")
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_pipeline(model_dir: str, use_ema: bool = True) -> Tuple["LDMTextToImagePipeline", str]:
+    """The pipeline of a model directory and a few words on which weights it holds.
+
+    Raises ValueError with one line naming what is missing when `model_dir` is neither kind."""
+    kind = model_dir_kind(model_dir)
+    if kind == "pipeline":
+        if not use_ema:
+            raise ValueError(f"--no_ema needs a checkpoint-N directory: the pipeline directory {model_dir!r} holds one set of weights "
+                             f"(the EMA ones if the run used --use_ema)")
+        from ppdiffusers import LDMTextToImagePipeline
+
+        pipe = LDMTextToImagePipeline.from_pretrained(model_dir)
+        weights = "pipeline"
+    else:
+        pipe, weights = _pipeline_from_checkpoint(model_dir, use_ema)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, weights
+
+
+def model_dir_kind(model_dir: str) -> str:
+    """'pipeline' or 'checkpoint'; otherwise a ValueError that says what is missing and what to pass."""
+    from ldm.checkpoint import complete_checkpoints
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"--model_dir {model_dir!r} is not a directory")
+    if os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        missing = [p for p in PIPELINE_PARTS if not os.path.isdir(os.path.join(model_dir, p))]
+        if missing:
+            raise ValueError(f"--model_dir {model_dir!r} has model_index.json but no {missing[0]}/: an incomplete pipeline directory")
+        return "pipeline"
+    if any(os.path.isfile(os.path.join(model_dir, f)) for f in ("model.safetensors", "model_state.pdparams")):
+        if not os.path.isfile(os.path.join(model_dir, "args.json")):
+            raise ValueError(f"--model_dir {model_dir!r} is a checkpoint without args.json, so its model cannot be rebuilt; "
+                             f"pass the run's final output directory instead")
+        return "checkpoint"
+    checkpoints = complete_checkpoints(model_dir)
+    if checkpoints:
+        raise ValueError(f"--model_dir {model_dir!r} has no model_index.json (the run has not finished); pass one of its checkpoints, "
+                         f"e.g. the newest: {checkpoints[-1]}")
+    raise ValueError(f"--model_dir {model_dir!r} has neither model_index.json (a pipeline directory) nor model.safetensors or "
+                     f"model_state.pdparams (a checkpoint-N of a training run)")
+
+
+def _pipeline_from_checkpoint(path: str, use_ema: bool):
+    from safetensors.numpy import load_file
+
+    from ldm.args import ModelArguments
+    from ldm.checkpoint import trainable_state
+    from ldm.model import create_model, read_json
+
+    saved = read_json(os.path.join(path, "args.json"))
+    model_args = ModelArguments(**{f.name: saved[f.name] for f in dataclasses.fields(ModelArguments) if f.name in saved})
+    try:
+        model = create_model(model_args, int(saved["resolution"]), int(saved.get("seed", 0)))
+    except ValueError as e:
+        # args.json holds the paths as the run was given them: relative ones resolve against the current directory.
+        raise ValueError(f"rebuilding the model of {path} from its args.json: {e}") from None
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        weights = load_file(os.path.join(path, "model.safetensors"))  # the explicit loop's trainable weights
+    else:
+        weights = paddle.load(os.path.join(path, "model_state.pdparams"), return_numpy=True)  # the Trainer's whole model
+    missing = sorted(set(trainable_state(model)) - set(weights))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of the model's weights (e.g. {missing[0]}); it belongs to a different model than its args.json describes")
+    ema_file = os.path.join(path, "ema.safetensors")
+    which = "raw (checkpoint has no EMA)"
+    if use_ema and os.path.isfile(ema_file):
+        weights.update(load_file(ema_file))  # keyed by the trainable parameters' names
+        which = "EMA"
+    elif os.path.isfile(ema_file):
+        which = "raw (--no_ema)"
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    model.eval()
+    return model.to_pipeline(), which
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+
+def vae_factor(pipe) -> int:
+    """Pixels per latent cell: 2 ** (number of downsamplings in the autoencoder)."""
+    return 2 ** (len(pipe.vqvae.config.block_out_channels) - 1)
+
+
+def trained_size(pipe) -> int:
+    """The image side the model was trained at: the trainers keep unet.config.sample_size at
+    the latent side, so this holds for any autoencoder factor (and for stock-written models,
+    whose pipeline defaults to the same product)."""
+    return int(pipe.unet.config.sample_size) * vae_factor(pipe)
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the sampler, keeping the model's noise schedule (betas, prediction type) from its config."""
+    from ppdiffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    if name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif name == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # PLMS, as Stable Diffusion samples
+    elif name == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    else:
+        raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+
+
+def check_size(pipe, height: Optional[int], width: Optional[int]) -> Tuple[int, int]:
+    """Output pixels (the trained size by default); they must be whole latent cells."""
+    factor = vae_factor(pipe)
+    height, width = height or trained_size(pipe), width or trained_size(pipe)
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise ValueError(f"--height {height} and --width {width} must be positive multiples of the autoencoder's downsampling factor {factor}")
+    return height, width
+
+
+def generate(pipe, prompts: List[str], height: int, width: int, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+             seed: int = 0, batch_size: int = 4, progress: bool = False) -> List[Image.Image]:
+    """One image per entry of `prompts`, `height` x `width` real pixels.
+
+    Image k starts from the noise `initial_noise(seed, k, ...)`, so the same seed gives the same
+    image whatever the batch size. The noise is drawn with numpy and handed to the pipeline:
+    ppdiffusers replaces `paddle.Generator` with a tracker whose `manual_seed` calls
+    `paddle.seed` and, on the CPU, then draws from the global RNG, so per-image generators
+    neither stay apart within a batch nor leave the global RNG alone."""
+    from tqdm.auto import tqdm
+
+    factor = vae_factor(pipe)
+    # The stock pipeline makes latents of height // 8 whatever the autoencoder's factor
+    # (FACTS.md), so ask it for the pixels that give latents of the size we want.
+    latent_shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        noise = np.stack([initial_noise(seed, start + i, latent_shape) for i in range(len(chunk))])
+        out = pipe(chunk, height=latent_shape[1] * 8, width=latent_shape[2] * 8, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, latents=paddle.to_tensor(noise))
+        images += out.images
+    return images
+
+
+def initial_noise(seed: int, index: int, shape) -> np.ndarray:
+    """The starting latents of image `index` of a run with `seed`: standard normal, float32."""
+    return np.random.default_rng([seed, index]).standard_normal(shape).astype(np.float32)
+
+
+def save_grid(path: str, prompts: List[str], rows: List[List[Image.Image]]) -> str:
+    """One row per prompt, the prompt written above it; cells upscaled to at least 96 px."""
+    side = max(rows[0][0].size)
+    scale = max(1, -(-96 // side))
+    cell_w, cell_h = rows[0][0].size[0] * scale, rows[0][0].size[1] * scale
+    label_h = 14
+    grid = Image.new("RGB", (cell_w * max(len(r) for r in rows), (cell_h + label_h) * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, images) in enumerate(zip(prompts, rows)):
+        y = r * (cell_h + label_h)
+        draw.text((2, y + 1), prompt, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (c * cell_w, y + label_h))
+    grid.save(path, format="PNG")
+    return path
+
+
+def read_prompt_file(path: str) -> List[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompt_file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+
+
+def to_uint8_array(images: List[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
