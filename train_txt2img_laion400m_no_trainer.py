@@ -9,6 +9,7 @@ import time
 
 import paddle
 import paddle.distributed as dist
+from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 from paddle.io import DataLoader
 from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
@@ -18,11 +19,12 @@ from tqdm.auto import tqdm
 from ldm.args import DataArguments, LoopArguments, ModelArguments
 from ldm.checkpoint import CheckpointWriteError, load_checkpoint, load_data_position, save_checkpoint
 from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
-from ldm.ema import EMA
+from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
-from ldm.model import create_model
-from ldm.runtime import (NonFiniteGuard, Preemption, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum,
-                         log_startup, require_writable_dir, set_cpu_threads)
+from ldm.model import create_model, decay_parameter_names
+from ldm.runtime import (StepAgreement, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup,
+                         preserved_rng, require_writable_dir, seed_rank_streams, set_cpu_threads)
+from ldm.validation import fixed_log_batch
 
 
 def main():
@@ -36,7 +38,7 @@ def main():
     if world_size > 1:
         dist.init_parallel_env()
     threads = set_cpu_threads(args.num_threads)
-    set_seed(args.seed)
+    set_seed(args.seed)  # the same on every rank: identical initial weights
 
     # Create model and data (bad paths stop here, before any training):
     try:
@@ -47,103 +49,120 @@ def main():
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, args.train_batch_size, args.gradient_accumulation_steps, world_size, args.num_workers, threads, stream)
+    log_batch = fixed_log_batch(data_args.file_list, data_args.resolution, 8, model.tokenizer, model.tokenizer.model_max_length,
+                                data_args.validation_prompts, args.seed) if args.image_logging_steps > 0 and rank == 0 else None
 
-    # Optimizer and learning-rate schedule (stepped once per optimizer step):
+    # Optimizer and learning-rate schedule, as the Trainer makes them: biases and norms are not
+    # decayed; the schedule advances once per optimizer step the loss scaler did not skip.
     lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps)
+    decay = decay_parameter_names(model)
     optimizer = paddle.optimizer.AdamW(
         learning_rate=lr_scheduler, parameters=model.trainable_parameters(),
         beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
+        apply_decay_param_fun=lambda name: name in decay,
         grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm) if args.max_grad_norm > 0 else None,
     )
     scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if args.fp16 else None
+    amp_dtype = "bfloat16" if args.bf16 else "float16"
     ema = EMA(model, args.ema_decay) if args.use_ema else None
 
-    # Resume from the newest complete checkpoint, data position included:
+    # Resume from the newest complete checkpoint, data position included; then every rank draws
+    # its own noise and timesteps (a resumed run restores each rank's saved RNG state instead):
+    seed_rank_streams(args.seed, rank)
     step, saved = 0, None
     try:
         resume = checkpoint_to_resume(args)
+        if resume:
+            step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler)
+            saved = None if args.ignore_data_skip else load_data_position(resume, rank)
+            if saved is not None:
+                stream.resume(saved, args.num_workers)
+            else:
+                logger.info("Data stream starts a new pass (--ignore_data_skip, or no saved position)")
     except ValueError as e:
         exit_on_bad_input(e)
-    if resume:
-        step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler)
-        saved = load_data_position(resume, rank)
-        if saved is not None:
-            try:
-                stream.resume(saved, args.num_workers)
-            except ValueError as e:
-                exit_on_bad_input(e)
     progress = StreamProgress(world_size, args.num_workers, saved)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
     loader = DataLoader(as_paddle_dataset(stream), batch_size=args.train_batch_size, num_workers=args.num_workers, drop_last=True)
     vdl = RunLogger(os.path.join(args.output_dir, "runs"))
 
     # Train: an endless stream, counted in optimizer steps.
-    preemption, guard = Preemption(), NonFiniteGuard(args.max_nonfinite_steps)
+    agreement = StepAgreement(args.max_nonfinite_steps)
     bar = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=rank > 0)
-    micro, skip_step, loss_sum, interval_start, interval_images = 0, False, 0.0, time.time(), 0
+    micro, loss_sum, interval_start, interval_images = 0, paddle.zeros([1]), time.time(), 0
+    step_loss = paddle.zeros([1])
     for batch in loader:
         if step >= args.max_train_steps:
             break
         progress.update(batch)
         micro += 1
-        sync_now = micro % args.gradient_accumulation_steps == 0
-        with paddle.amp.auto_cast(enable=args.fp16, level="O1"):
-            loss = train_model(**batch)
-        # A non-finite loss (on any rank) skips the whole optimizer step: no backward, no update.
-        if skip_step or not guard.is_finite(loss):
-            skip_step = True
-        else:
-            # Accumulating: only the last micro-batch of a step all-reduces gradients.
-            with train_model.no_sync() if world_size > 1 and not sync_now else contextlib.nullcontext():
-                scaled = loss / args.gradient_accumulation_steps
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += float(loss)
+        last_micro = micro % args.gradient_accumulation_steps == 0
+        # DataParallel all-reduces gradients during backward unless inside no_sync, which must
+        # hold the forward too (it decides in the forward). Accumulating micro-batches stay
+        # local; with --recompute every micro-batch stays local and we all-reduce once below
+        # (Paddle's recompute cannot overlap DataParallel's hooks; PaddleNLP's Trainer does the same).
+        local_only = world_size > 1 and (args.recompute or not last_micro)
+        with train_model.no_sync() if local_only else contextlib.nullcontext():
+            with paddle.amp.auto_cast(enable=args.fp16 or args.bf16, level="O1", dtype=amp_dtype):
+                loss = train_model(**batch)
+            agreement.observe(loss)  # on the device: no host sync
+            scaled = loss / args.gradient_accumulation_steps
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        step_loss = step_loss + paddle.nan_to_num(loss.detach().astype("float32"), nan=0.0, posinf=0.0, neginf=0.0)
         interval_images += batch["pixel_values"].shape[0] * world_size
-        if not sync_now:
+        if not last_micro:
             continue
+        if world_size > 1 and args.recompute:
+            fused_allreduce_gradients(model.trainable_parameters(), None)
 
+        # The ranks agree on the step (skip it? stop after it?): the step's one host sync.
+        verdict = agreement.finish_step(progress.fatal)
         # Optimizer step (dynamic loss scaling with --fp16), schedule, EMA:
-        if skip_step:
-            optimizer.clear_grad()
+        scaler_skipped = False
+        if verdict.skip:
+            logger.warning(f"step {step + 1}: non-finite loss, skipping this optimizer step")
         elif scaler:
             scaler.step(optimizer)
             scaler.update()
+            scaler_skipped = bool(scaler._cache_found_inf)  # a Python bool set by scaler.step, as the Trainer reads it
         else:
             optimizer.step()
-        optimizer.clear_grad()
-        lr_scheduler.step()
-        if ema is not None and not skip_step:
+        optimizer.clear_grad(set_to_zero=False)
+        if not scaler_skipped:  # as the Trainer: only a loss-scaler skip holds the schedule back
+            lr_scheduler.step()
+        if ema is not None and not verdict.skip:
             ema.update()
-        guard.step_done(skip_step)
-        skip_step = False
+        if not verdict.skip:
+            loss_sum = loss_sum + step_loss
+        step_loss = paddle.zeros([1])
         step += 1
         bar.update(1)
 
         # Log, sample, save:
         if step % args.logging_steps == 0:
             elapsed = time.time() - interval_start
-            mean_loss = paddle.to_tensor(loss_sum / (args.logging_steps * args.gradient_accumulation_steps))
+            mean_loss = loss_sum / (args.logging_steps * args.gradient_accumulation_steps)
             if world_size > 1:
                 dist.all_reduce(mean_loss)  # the loss of all ranks' batches, not just rank 0's
             scalars = {"loss": float(mean_loss) / world_size,
                        "learning_rate": lr_scheduler.get_lr(), "images_per_second": interval_images / elapsed,
-                       "nonfinite_steps_skipped": guard.skipped, **progress.skip_totals()}
+                       "nonfinite_steps_skipped": agreement.skipped, **progress.skip_totals()}
             vdl.scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['learning_rate']:.2e}")
-            loss_sum, interval_start, interval_images = 0.0, time.time(), 0
-        if args.image_logging_steps > 0 and step % args.image_logging_steps == 0 and rank == 0:
-            with ema.applied() if ema is not None else contextlib.nullcontext():
-                vdl.images(model.log_images({k: v[:8] for k, v in batch.items()}, model_args.num_inference_steps), step)
-        preempted = preemption.agreed()
-        if step % args.save_steps == 0 or step == args.max_train_steps or preempted:
+            loss_sum, interval_start, interval_images = paddle.zeros([1]), time.time(), 0
+        if args.image_logging_steps > 0 and step % args.image_logging_steps == 0 and log_batch is not None:
+            # The exported weights (EMA with --use_ema), fixed inputs and noise, training RNG untouched.
+            with preserved_rng(), maybe_applied(ema):
+                vdl.images(model.log_images(log_batch, model_args.num_inference_steps), step)
+        if step % args.save_steps == 0 or step == args.max_train_steps or verdict.preempt:
             try:
                 save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),
                                 {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)},
                                 ema, scaler, args.save_total_limit)
             except CheckpointWriteError as e:
                 raise SystemExit(f"error: {e}")
-        if preempted:
+        if verdict.preempt:
             logger.info(f"Preempted: saved checkpoint-{step} in {args.output_dir}; re-run the same command to continue")
             return
     bar.close()
@@ -152,7 +171,7 @@ def main():
 
     # Save the final model (EMA weights with --use_ema) as a ppdiffusers pipeline directory:
     if rank == 0:
-        with ema.applied() if ema is not None else contextlib.nullcontext():
+        with maybe_applied(ema):
             model.save_pipeline(args.output_dir)
         logger.info(f"Saved LDMTextToImagePipeline to {args.output_dir}")
 

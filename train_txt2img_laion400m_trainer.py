@@ -1,15 +1,17 @@
 """Stage 2: train LDMBert + UNet on a frozen autoencoder's latents with the PaddleNLP Trainer."""
-import contextlib
+import dataclasses
 
 from paddlenlp.trainer import PdArgumentParser, set_seed
 from paddlenlp.utils.log import logger
 
 from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments
 from ldm.data import TextImageStream, as_paddle_dataset
+from ldm.ema import maybe_applied
 from ldm.model import create_model
 from ldm.runtime import (checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir,
                          set_cpu_threads)
 from ldm.trainer import StreamTrainer
+from ldm.validation import fixed_log_batch
 
 
 def main():
@@ -31,6 +33,8 @@ def main():
         exit_on_bad_input(e)
     log_startup(model, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
                 training_args.world_size, training_args.dataloader_num_workers, threads, stream)
+    log_batch = fixed_log_batch(data_args.file_list, data_args.resolution, 8, model.tokenizer, model.tokenizer.model_max_length,
+                                data_args.validation_prompts, training_args.seed) if training_args.image_logging_steps > 0 else None
 
     # Train (re-running the same command continues from the newest checkpoint):
     try:
@@ -38,6 +42,7 @@ def main():
         trainer = StreamTrainer(
             model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
             image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
+            run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}, log_batch=log_batch,
         )
     except ValueError as e:
         exit_on_bad_input(e)
@@ -49,7 +54,7 @@ def main():
 
     # Save the final model (EMA weights with --use_ema) as a ppdiffusers pipeline directory:
     if trainer.is_world_process_zero():
-        with trainer.ema.applied() if trainer.ema is not None else contextlib.nullcontext():
+        with maybe_applied(trainer.ema):
             model.save_pipeline(training_args.output_dir)
         logger.info(f"Saved LDMTextToImagePipeline to {training_args.output_dir}")
 

@@ -5,7 +5,7 @@ Defaults reproduce the reference LAION-400M run (STYLE 3): the 32-layer preset, 
 """
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
@@ -45,6 +45,10 @@ class DataArguments:
         metadata={"help": "File listing filelists (one path, optional sampling weight, per line); each filelist lists gzipped parts."},
     )
     resolution: int = field(default=256, metadata={"help": "Training image side in pixels: shorter side resized to it, then centre-cropped; smaller images are skipped."})
+    validation_prompts: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Prompts of the samples logged at --image_logging_steps (always the same prompts and noise, so a cell compares across steps); default: the captions of the stream's first records."},
+    )
     shuffle_buffer: int = field(default=1000, metadata={"help": "Lines each data worker reads and permutes together before decoding."})
 
 
@@ -92,6 +96,7 @@ class LoopArguments:
     num_workers: int = field(default=6, metadata={"help": "Data worker processes per device; 0 reads in the training process."})
     image_logging_steps: int = field(default=1000, metadata={"help": "Log reconstructions and DDIM samples every this many optimizer steps; 0 turns it off."})
     fp16: bool = field(default=False, metadata={"help": "Mixed precision (float16 autocast with dynamic loss scaling; the autoencoder stays float32). GPU only."})
+    bf16: bool = field(default=False, metadata={"help": "Mixed precision in bfloat16 autocast (no loss scaling needed; the autoencoder stays float32). GPUs with bf16 (A100 and newer)."})
     recompute: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
@@ -99,3 +104,4 @@ class LoopArguments:
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory to resume from; by default the newest complete one in --output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh even if --output_dir holds checkpoints."})
+    ignore_data_skip: bool = field(default=False, metadata={"help": "On resume, restart the data stream from the start of a pass (model, optimizer and step are still restored)."})

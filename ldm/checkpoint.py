@@ -25,13 +25,9 @@ import paddle
 import paddle.distributed as dist
 from safetensors.numpy import load_file, save_file
 
+from ldm.runtime import any_rank
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STAGING_DIR = "checkpoint-staging"  # where the Trainer's checkpoints are written before the rename
-
-
-def _barrier():
-    if dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def is_complete(path: str) -> bool:
@@ -69,53 +65,93 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
-def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress: dict, args: dict, ema=None, scaler=None, save_total_limit=None):
-    """Write checkpoint-N atomically. A failed write (disk full, I/O error) leaves the previous
-    checkpoints as they were and raises CheckpointWriteError with one line that says why."""
-    try:
-        return _save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress, args, ema, scaler, save_total_limit)
-    except OSError as e:
-        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}.tmp"), ignore_errors=True)
-        previous = latest_checkpoint(output_dir)
-        raise CheckpointWriteError(
-            f"could not write checkpoint-{step} in {output_dir}: {e.strerror or e}; "
-            f"the newest complete checkpoint is {previous or 'none'} and is untouched. Free space or fix the directory, then re-run"
-        ) from None
+def save_atomically(output_dir: str, step: int, write_files, save_total_limit=None) -> str:
+    """The checkpoint protocol both loops share; every rank calls it.
 
-
-def _save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress, args, ema, scaler, save_total_limit):
+      1. rank 0 makes `checkpoint-N.tmp`;
+      2. every rank writes its own files into it: `write_files(tmp_dir, rank)`;
+      3. rank 0 renames it to `checkpoint-N` (so a cut-off write is never resumed from) and
+         rotates the oldest complete checkpoints out.
+    Between the phases the ranks agree on whether any write failed (a one-number all-reduce in
+    place of a barrier), so a full disk on rank 0 stops every rank with the message instead of
+    leaving the others waiting at a barrier until the collective times out. A failed write
+    leaves the previous checkpoints as they were and raises CheckpointWriteError (one line).
+    """
     rank = max(0, dist.get_rank())
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    if rank == 0:
-        save_file({k: v.numpy() for k, v in trainable_state(model).items()}, os.path.join(tmp, "model.safetensors"))
-        if ema is not None:
-            save_file(ema.state_numpy(), os.path.join(tmp, "ema.safetensors"))
-        paddle.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pdopt"))
-        if scaler is not None:
-            paddle.save(scaler.state_dict(), os.path.join(tmp, "scaler.pdparams"))
-        with open(os.path.join(tmp, "scheduler.json"), "w") as f:
-            json.dump(lr_scheduler.state_dict(), f)
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(args, f, indent=1, default=str)
-    paddle.save({"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                os.path.join(tmp, f"rng_state_rank{rank}.pdparams"))
-    with open(data_position_file(tmp, rank), "w") as f:
-        json.dump(data_progress, f)
-    _barrier()
-    if rank == 0:
-        # trainer_state.json last: its presence marks the checkpoint complete, then the rename publishes it.
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"global_step": step}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        rotate_checkpoints(output_dir, save_total_limit)
-    _barrier()
+
+    def phase(action):
+        error = None
+        try:
+            action()
+        except OSError as e:
+            error = e
+        if any_rank(error is not None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(output_dir)
+            why = f"{error.strerror or error}" if error is not None else "another rank failed to write its files (its log says why)"
+            raise CheckpointWriteError(
+                f"could not write checkpoint-{step} in {output_dir}: {why}; the newest complete checkpoint is "
+                f"{previous or 'none'} and is untouched. Free space or fix the directory, then re-run"
+            )
+
+    def make_dir():
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+
+    def publish():
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            rotate_checkpoints(output_dir, save_total_limit)
+
+    phase(make_dir)
+    phase(lambda: write_files(tmp, rank))
+    phase(publish)
     return final
+
+
+def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progress: dict, args: dict, ema=None, scaler=None, save_total_limit=None):
+    """The explicit loop's checkpoint-N (layout in the module docstring), written atomically."""
+
+    def write_files(tmp, rank):
+        if rank == 0:
+            save_file({k: v.numpy() for k, v in trainable_state(model).items()}, os.path.join(tmp, "model.safetensors"))
+            if ema is not None:
+                save_file(ema.state_numpy(), os.path.join(tmp, "ema.safetensors"))
+            paddle.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pdopt"))
+            if scaler is not None:
+                paddle.save(scaler.state_dict(), os.path.join(tmp, "scaler.pdparams"))
+            with open(os.path.join(tmp, "scheduler.json"), "w") as f:
+                json.dump(lr_scheduler.state_dict(), f)
+            write_args(tmp, args)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"global_step": step}, f)
+        paddle.save({"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                    os.path.join(tmp, f"rng_state_rank{rank}.pdparams"))
+        with open(data_position_file(tmp, rank), "w") as f:
+            json.dump(data_progress, f)
+
+    return save_atomically(output_dir, step, write_files, save_total_limit)
+
+
+def write_args(checkpoint_dir: str, args: dict) -> None:
+    """args.json: every model, data and loop argument of the run (generate.py rebuilds the model from it)."""
+    with open(os.path.join(checkpoint_dir, "args.json"), "w") as f:
+        json.dump(args, f, indent=1, default=str)
+
+
+def check_state_shapes(model, state: dict, source: str) -> None:
+    """Stop at start-up, naming the tensor, when a saved weight does not fit the model (instead of
+    paddle's warning, after which training would go on with the fresh weight)."""
+    own = model.state_dict()
+    for name, value in state.items():
+        if name in own and tuple(value.shape) != tuple(own[name].shape):
+            raise ValueError(f"{source}: weight {name} has shape {list(value.shape)} but the model's is {list(own[name].shape)}; "
+                             "resume with the same model config (or start a new --output_dir)")
 
 
 def load_checkpoint(path, model, optimizer, lr_scheduler, ema=None, scaler=None) -> int:
@@ -125,6 +161,7 @@ def load_checkpoint(path, model, optimizer, lr_scheduler, ema=None, scaler=None)
     missing = set(trainable_state(model)) - set(weights)
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} weights (e.g. {sorted(missing)[0]}); it belongs to a different model")
+    check_state_shapes(model, weights, f"checkpoint {path}")
     model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
     optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
     with open(os.path.join(path, "scheduler.json")) as f:

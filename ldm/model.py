@@ -8,6 +8,7 @@ Two ways in (SPEC section 4):
 Nothing is ever downloaded: every path must be a local directory or file.
 """
 import contextlib
+import inspect
 import json
 import os
 from typing import List, Optional
@@ -35,7 +36,8 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 
 def ddim_scheduler() -> DDIMScheduler:
     """The sampler of the logged images and of the exported pipeline (the seed's settings)."""
-    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+    # steps_offset=1 as CompVis' and the reference's DDIM: the last step lands on t=1, not t=0.
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def require_local(path: Optional[str], flag: str, what: str = "directory") -> str:
@@ -54,6 +56,21 @@ def require_local(path: Optional[str], flag: str, what: str = "directory") -> st
 def read_json(path: str) -> dict:
     with open(path, "r", encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_config(path: str, flag: str, cls) -> dict:
+    """A preset JSON for `cls` without its `_`-prefixed metadata (e.g. `_class_name`). A key `cls`
+    does not take stops here in one line: a typo would otherwise be kept silently (LDMBertConfig
+    stores any key) or end in a TypeError deep inside the model's constructor."""
+    config = {k: v for k, v in read_json(require_local(path, flag, "file")).items() if not k.startswith("_")}
+    if isinstance(cls, type) and issubclass(cls, LDMBertConfig):
+        accepted = set(cls().to_dict())
+    else:
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(f"{flag} {path!r}: unknown key {unknown[0]!r} ({cls.__name__} takes no such setting); remove or rename it")
+    return config
 
 
 def load_tokenizer(path: str, model_max_length: int):
@@ -78,13 +95,13 @@ def load_autoencoder(path: str):
 
 def build_text_encoder(config_file: str, vocab_size: int, max_length: int) -> LDMBertModel:
     """A fresh LDMBert whose vocabulary and positions follow the tokenizer and --model_max_length."""
-    config = read_json(require_local(config_file, "--text_encoder_config_file", "file"))
+    config = read_config(config_file, "--text_encoder_config_file", LDMBertConfig)
     config.update(vocab_size=vocab_size, max_position_embeddings=max_length)
     return LDMBertModel(LDMBertConfig(**config))
 
 
 def build_unet(config_file: str) -> UNet2DConditionModel:
-    return UNet2DConditionModel(**read_json(require_local(config_file, "--unet_config_file", "file")))
+    return UNet2DConditionModel(**read_config(config_file, "--unet_config_file", UNet2DConditionModel))
 
 
 @paddle.no_grad()
@@ -287,6 +304,12 @@ def to_uint8(images: paddle.Tensor) -> np.ndarray:
     images = ((images.astype("float32") / 2 + 0.5).clip(0, 1) * 255).round()
     return images.transpose([0, 2, 3, 1]).numpy().astype("uint8")
 
+
+
+def decay_parameter_names(model) -> set:
+    """Names (paddle's `param.name`) of the weights AdamW decays: all but biases and norms,
+    the rule of PaddleNLP's Trainer.create_optimizer, which the explicit loop follows too."""
+    return {p.name for n, p in model.named_parameters() if not any(nd in n for nd in ("bias", "norm"))}
 
 
 def create_model(model_args, resolution: int, seed: int, recompute: bool = False) -> LatentDiffusionModel:

@@ -1,6 +1,9 @@
-"""Process-level set-up shared by the entry scripts: CPU threads, start-up errors, resume."""
+"""Process-level set-up shared by the entry scripts: CPU threads, RNG streams, start-up errors,
+resume, and what the ranks agree on at every step."""
+import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import paddle
@@ -76,6 +79,46 @@ def log_parameter_checksum(model, rank: int) -> float:
     return total
 
 
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Give every rank its own random stream for what the training step draws (noise, timesteps,
+    the posterior sample, dropout), after the model was built from the shared seed.
+
+    Every rank is seeded with the same --seed before the model is built (identical initial
+    weights; DataParallel also broadcasts rank 0's), but if the ranks kept drawing from the same
+    stream, a global batch of N x B images would carry only B distinct (noise, timestep) pairs
+    and data parallelism would buy no variance reduction. Rank 0 keeps --seed itself, so a
+    one-process run draws exactly what rank 0 of a multi-process run draws. (paddlenlp's
+    set_seed only varies the seed by rank inside a fleet hybrid group, which plain
+    DataParallel does not create.) Checkpoints save each rank's state, so resume stays exact.
+    """
+    import random
+
+    import numpy as np
+
+    rank_seed = seed + 1_000_003 * rank
+    paddle.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block (image logging, evaluation) without touching the training RNG.
+
+    ppdiffusers' `paddle.Generator().manual_seed` calls `paddle.seed`, which reseeds the global
+    CPU generator (and, on a GPU, restores only the CUDA one): without this, noise and timesteps
+    would repeat every --image_logging_steps on a CPU build.
+    """
+    cpu = paddle.get_rng_state()
+    cuda = paddle.get_cuda_rng_state() if paddle.is_compiled_with_cuda() else None
+    try:
+        yield
+    finally:
+        paddle.set_rng_state(cpu)
+        if cuda is not None:
+            paddle.set_cuda_rng_state(cuda)
+
+
 class Preemption:
     """SIGTERM (a cluster's preemption notice) asks the loop to finish its step, save a
     checkpoint and exit 0; re-running the command continues from that checkpoint."""
@@ -91,10 +134,6 @@ class Preemption:
             print("SIGTERM received: finishing this step, then saving a checkpoint and exiting", file=sys.stderr, flush=True)
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank got the signal, so all ranks stop at the same step."""
-        return any_rank(self.requested)
-
 
 def any_rank(flag: bool) -> bool:
     """Logical OR of a flag over all ranks (one tiny all-reduce when distributed)."""
@@ -107,30 +146,63 @@ def any_rank(flag: bool) -> bool:
     return bool(int(value.numpy()[0]))
 
 
-class NonFiniteGuard:
-    """Counts optimizer steps skipped for a non-finite loss; stops the run after too many in a row."""
+@dataclass
+class StepVerdict:
+    skip: bool  # some rank had a non-finite loss in this step: nobody updates
+    preempt: bool  # some rank got SIGTERM: everybody saves and stops after this step
 
-    def __init__(self, max_consecutive: int):
-        self.max_consecutive = max_consecutive
+
+class StepAgreement:
+    """What every rank must agree on at each optimizer step, in one all-reduce and one host read.
+
+    On a GPU every read of a device value (`float(loss)`, `.numpy()`) waits for the queue to
+    drain. So the non-finite check accumulates on the device over the micro-batches, and at the
+    end of the step one small vector [non-finite, SIGTERM, data stream dead] is max-reduced
+    over the ranks and read once: the step's only host sync. Every rank therefore skips the same
+    steps, stops at the same step, and no rank leaves the others waiting in a collective.
+    """
+
+    def __init__(self, max_nonfinite: int):
+        self.max_nonfinite = max_nonfinite
+        self.preemption = Preemption()
         self.consecutive = 0
         self.skipped = 0
+        self._nonfinite = None
 
-    def is_finite(self, loss) -> bool:
-        """True if this loss is finite on every rank (so every rank skips, or none)."""
-        import math
+    def observe(self, loss) -> None:
+        """Note a micro-batch's loss (no host sync)."""
+        bad = paddle.logical_not(paddle.isfinite(loss.detach().astype("float32"))).astype("float32").reshape([1])
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
 
-        return not any_rank(not math.isfinite(float(loss)))
+    def finish_step(self, data_error: Optional[str] = None) -> StepVerdict:
+        """Agree on the step across ranks; stop every rank (exit 1, one line) if it must not go on."""
+        import paddle.distributed as dist
 
-    def step_done(self, skipped: bool) -> None:
+        nonfinite = self._nonfinite if self._nonfinite is not None else paddle.zeros([1], "float32")
+        self._nonfinite = None
+        rank = max(0, dist.get_rank())
+        # The data flag carries rank + 1, so after the max every rank knows which one to blame.
+        local = paddle.to_tensor([float(self.preemption.requested), float(rank + 1) if data_error else 0.0], dtype="float32")
+        flags = paddle.concat([nonfinite, local])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, preempt, dead_rank = flags.numpy().tolist()  # the one host sync of the step
+        if dead_rank:
+            raise SystemExit(f"error: {data_error}" if data_error else
+                             f"error: rank {int(dead_rank) - 1}'s data stream stopped the run (its log says why); stopping every rank")
+        verdict = StepVerdict(skip=nonfinite > 0, preempt=preempt > 0)
+        self._count(verdict.skip)
+        return verdict
+
+    def _count(self, skipped: bool) -> None:
         if not skipped:
             self.consecutive = 0
             return
         self.skipped += 1
         self.consecutive += 1
-        if self.consecutive >= self.max_consecutive:
+        if self.consecutive >= self.max_nonfinite:
             # SystemExit prints the one-line message and exits 1, with no traceback to read past.
             raise SystemExit(
                 f"error: {self.consecutive} optimizer steps in a row had a non-finite loss; stopping. The last checkpoint in "
                 "--output_dir is intact: lower --learning_rate, set --max_grad_norm, or check the data, then re-run"
             )
-

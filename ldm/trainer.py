@@ -1,39 +1,43 @@
 """Training on the PaddleNLP Trainer: the loss is the model's, everything else is logged beside it.
 
 Where the stock Trainer falls short and what we add (each in one small method):
-  * `__init__`: resumes the data stream from the checkpoint's saved position (instead of the
-    Trainer replaying batches) and restores the RNG before the first step;
+  * `__init__`: gives every rank its own RNG stream for the training draws; resumes the data
+    stream from the checkpoint's saved position (instead of the Trainer replaying batches) and
+    the EMA with its warm-up counter;
   * `get_train_dataloader`: our stream shards itself by rank and worker, so it must not be
     wrapped again in the Trainer's `IterableDatasetShard` (which would drop 1 - 1/world of it);
-  * `training_step`: EMA update after each optimizer step, and skipping a step whose loss is
-    non-finite on any rank;
-  * `compute_loss`: records the stream's bookkeeping (`skips`, `worker`, `position`) and strips
-    it before the model sees the batch;
+  * `training_step`: notes non-finite losses on the device and, at the last micro-batch of a
+    step, agrees with the other ranks in one all-reduce on skipping the step (non-finite loss),
+    stopping (SIGTERM) or failing (dead data stream): the step's only host sync;
+  * `compute_loss`: hands the stream's bookkeeping to `StreamProgress` before the model sees the batch;
+  * `_maybe_log_save_evaluate` (the stock hook right after each optimizer step): EMA update,
+    SIGTERM -> save and stop, the last step always saved, images at `--image_logging_steps`;
   * `log`: adds images/s, skipped non-finite steps and the data skips summed over workers and ranks;
-  * `_save_checkpoint`: atomic (staged, then renamed), with the EMA and every rank's data
-    position, rotated by step;
-  * `_maybe_log_save_evaluate`: SIGTERM -> save and stop; the last step is always saved; at
-    `--image_logging_steps`, reconstructions and DDIM samples go to VisualDL (the stock VisualDL
-    callback logs scalars only).
+  * `_save_checkpoint`: the stock files (same names, so the stock resume reads them) plus the EMA,
+    args.json and every rank's data position, written through `ldm.checkpoint.save_atomically`
+    (staged, agreed across ranks, renamed, rotated by step);
+  * `_set_state_dict_in_model`: a saved weight of another shape stops the run, naming it.
 """
-import contextlib
 import json
 import os
-import shutil
+import random
 from typing import Dict, Optional
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.io import DataLoader
 from paddlenlp.trainer import Trainer
+from paddlenlp.trainer.trainer import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file, save_file
 
-from ldm.checkpoint import STAGING_DIR, data_position_file, latest_checkpoint, load_data_position, rotate_checkpoints
+from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, load_data_position, save_atomically,
+                            write_args)
 from ldm.data import StreamProgress
-from ldm.ema import EMA
+from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
-from ldm.runtime import NonFiniteGuard, Preemption
+from ldm.runtime import StepAgreement, exit_on_bad_input, preserved_rng, seed_rank_streams
 
 
 def _unwrap(model):
@@ -43,31 +47,36 @@ def _unwrap(model):
 class StreamTrainer(Trainer):
     """Trainer for any model here whose forward(**batch) returns the loss and has log_images(batch, steps)."""
 
-    def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, resume_from: Optional[str] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, resume_from: Optional[str] = None,
+                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, **kwargs):
+        super().__init__(*args, **kwargs)  # (calls paddlenlp's set_seed(--seed): the same on every rank)
+        rank = max(0, dist.get_rank())
+        seed_rank_streams(self.args.seed, rank)
         self.image_logging_steps = image_logging_steps
         self.num_inference_steps = num_inference_steps
-        self._last_batch = None
+        self.run_args = run_args or {}
+        self.log_batch = log_batch  # fixed images and prompts for the logged reconstructions and samples
         self._image_writer = None
         # Resume the data stream from the checkpoint's saved position, not by replaying
         # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
         # RNG state ourselves before the first step (the Trainer only does so when it skips).
-        rank = max(0, dist.get_rank())
         saved = load_data_position(resume_from, rank) if resume_from and not self.args.ignore_data_skip else None
         if saved is not None:
             self.train_dataset.stream.resume(saved, self.args.dataloader_num_workers)
-            self.args.ignore_data_skip = True
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
+        elif resume_from:
+            logger.info("Data stream starts a new pass (--ignore_data_skip, or no saved position)")
+        self.args.ignore_data_skip = True
         self.progress = StreamProgress(self.train_dataset.stream.world_size, self.args.dataloader_num_workers, saved)
-        self._rng_checkpoint = resume_from if saved is not None else None
-        self.preemption = Preemption()
+        self._rng_checkpoint = resume_from
+        self.agreement = StepAgreement(getattr(self.args, "max_nonfinite_steps", 10))
         self.preempted = False
-        self.guard = NonFiniteGuard(getattr(self.args, "max_nonfinite_steps", 10))
         self._micro = 0
         self._skip_step = False
-        # A checkpoint is saved right after an optimizer step, before that step's EMA update.
-        self._step_pending = bool(resume_from)
-        # EMA of the trained weights, updated right after each optimizer step (see training_step).
+        self._ema_step = None  # the last step the EMA took in
+        self._saved_at = None  # the last step checkpointed
+        self._logged_images_at = None
+        # EMA of the trained weights, updated right after each optimizer step (_maybe_log_save_evaluate).
         self.ema = EMA(self.model, self.args.ema_decay) if getattr(self.args, "use_ema", False) else None
         if self.ema is not None and resume_from and os.path.isfile(os.path.join(resume_from, "ema.safetensors")):
             self.ema.load_numpy(load_file(os.path.join(resume_from, "ema.safetensors")))
@@ -81,119 +90,112 @@ class StreamTrainer(Trainer):
         )
 
     def training_step(self, model, inputs):
-        """One micro-batch. Where the stock loop leaves no hook, the step-level work happens here:
-        at the first micro-batch of a step, the previous optimizer step is complete, so the EMA
-        takes it in (the last step's update happens in `train`); a non-finite loss on any rank
-        drops the step's gradients (grads of None make AdamW leave every weight untouched)."""
-        if self._step_pending:
-            self._finish_optimizer_step()
+        """One micro-batch: forward and backward, with the non-finite check kept on the device.
+        At the step's last micro-batch the ranks agree on the step (see ldm.runtime.StepAgreement);
+        a step to skip loses its gradients (grads of None make AdamW leave every weight untouched)."""
         if self._rng_checkpoint is not None:
             self._load_rng_state(self._rng_checkpoint)
             self._rng_checkpoint = None
         self._micro += 1
-        # After this micro-batch the Trainer runs the optimizer step; finish it at the next call.
-        self._step_pending = self._micro % self.args.gradient_accumulation_steps == 0
-        if self._skip_step:
-            return paddle.zeros([])
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.autocast_smart_context_manager():
             loss = self.compute_loss(model, inputs)
-        if not self.guard.is_finite(loss):
-            self._skip_step = True
-            self.optimizer.clear_grad(set_to_zero=False)
-            logger.warning(f"step {self.state.global_step + 1}: non-finite loss, skipping this optimizer step")
-            return paddle.zeros([])
+        self.agreement.observe(loss)
         if self.args.gradient_accumulation_steps > 1:
             loss = loss / self.args.gradient_accumulation_steps
         if self.do_grad_scaling:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        return loss.detach()
-
-    def _finish_optimizer_step(self) -> None:
-        if self.ema is not None and not self._skip_step:
-            self.ema.update()
-        self.guard.step_done(self._skip_step)
-        self._skip_step = False
-        self._step_pending = False
-
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
-        if self._step_pending:
-            self._finish_optimizer_step()
-        return output
+        if self._micro % self.args.gradient_accumulation_steps == 0:
+            verdict = self.agreement.finish_step(self.progress.fatal)
+            self._skip_step = verdict.skip
+            self.preempted = self.preempted or verdict.preempt
+            if verdict.skip:
+                self.optimizer.clear_grad(set_to_zero=False)
+                logger.warning(f"step {self.state.global_step + 1}: non-finite loss, skipping this optimizer step")
+        # A non-finite loss must not poison the logged mean (the step is skipped anyway).
+        return paddle.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
     def compute_loss(self, model, inputs, return_outputs=False):
         self.progress.update(inputs)
-        self._last_batch = inputs
         loss = model(**inputs)
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "interval_samples_per_second" in logs:
             logs["images_per_second"] = logs["interval_samples_per_second"]
-            logs["nonfinite_steps_skipped"] = self.guard.skipped
+            logs["nonfinite_steps_skipped"] = self.agreement.skipped
             logs.update(self.progress.skip_totals())
         super().log(logs, **kwargs)
 
-    def _save_checkpoint(self, model, metrics=None):
-        """The stock save, made atomic: it writes into a staging directory, we add the EMA and
-        every rank's data position, and rank 0 renames the result to checkpoint-N."""
-        final_root = self.args.output_dir
-        staging_root = os.path.join(final_root, STAGING_DIR)
-        name = f"checkpoint-{self.state.global_step}"
-        staged = os.path.join(staging_root, name)
-        self.args.output_dir = staging_root  # the stock method writes to <output_dir>/checkpoint-N
-        try:
-            super()._save_checkpoint(model, metrics=metrics)
-        except OSError as e:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise SystemExit(f"error: could not write {name} in {final_root}: {e.strerror or e}; the newest complete "
-                             f"checkpoint is {latest_checkpoint(final_root) or 'none'} and is untouched. Free space or fix the directory, then re-run")
-        finally:
-            self.args.output_dir = final_root
-        os.makedirs(staged, exist_ok=True)
-        if self.ema is not None and self.is_world_process_zero():
-            # Saved before this step's EMA update, which the resumed run's first micro-batch performs.
-            save_file(self.ema.state_numpy(), os.path.join(staged, "ema.safetensors"))
-        with open(data_position_file(staged, max(0, dist.get_rank())), "w") as f:
-            json.dump(self.progress.state_dict(), f)
-        if dist.get_world_size() > 1:
-            dist.barrier()
-        if self.is_world_process_zero():
-            final = os.path.join(final_root, name)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staged, final)
-            with contextlib.suppress(OSError):
-                os.rmdir(staging_root)  # only if empty
-            # The stock Trainer rotates only when local_rank == 0 (never in a single process) and
-            # by modification time; rotate by step, now that this checkpoint is complete.
-            rotate_checkpoints(final_root, self.args.save_total_limit)
-        if dist.get_world_size() > 1:
-            dist.barrier()
-
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
-        # SIGTERM on any rank: save now and stop after this step (every rank agrees on the step).
-        if self.preemption.agreed():
-            self.control.should_save = True
+        # The stock loop calls this right after each optimizer step (and once more at the end):
+        # the step is complete, so the EMA takes it in, once per step.
+        step = self.state.global_step
+        if self.ema is not None and self._ema_step != step and not self._skip_step:
+            self.ema.update()
+        self._ema_step = step
+        # SIGTERM on any rank (agreed in training_step): save now and stop after this step.
+        if self.preempted:
+            self.control.should_save = self._saved_at != step
             self.control.should_training_stop = True
-            self.preempted = True
         # The last step is always checkpointed (as in the explicit loop), so re-running a finished command is a no-op.
-        if self.state.global_step == self.args.max_steps:
+        if step == self.args.max_steps and self._saved_at != step:
             self.control.should_save = True
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
-        step = self.state.global_step
-        if self.image_logging_steps > 0 and step % self.image_logging_steps == 0 and self._last_batch is not None:
+        if self.image_logging_steps > 0 and step % self.image_logging_steps == 0 and self._logged_images_at != step:
             self.log_images(step)
 
     def log_images(self, step: int) -> None:
-        """The model's `log_images` (reconstructions, samples) for the last batch, to VisualDL."""
-        if not self.is_world_process_zero():
+        """The model's `log_images` (reconstructions, samples) for the fixed log batch, to VisualDL,
+        from the weights that are exported (the EMA with --use_ema), without touching the training RNG."""
+        self._logged_images_at = step
+        if not self.is_world_process_zero() or self.log_batch is None:
             return
-        batch = {k: v[:8] for k, v in self._last_batch.items()}
         if self._image_writer is None:
             self._image_writer = RunLogger(self.args.logging_dir, file_name="vdlrecords.images.log")
-        self._image_writer.images(_unwrap(self.model).log_images(batch, self.num_inference_steps), step)
-        logger.info(f"step {step}: logged reconstructions and DDIM samples to {self.args.logging_dir}")
+        with preserved_rng(), maybe_applied(self.ema):
+            images = _unwrap(self.model).log_images(self.log_batch, self.num_inference_steps)
+        self._image_writer.images(images, step)
+        logger.info(f"step {step}: logged reconstructions and samples to {self.args.logging_dir}")
+
+    def _save_checkpoint(self, model, metrics=None):
+        """The stock checkpoint's files plus ours, written atomically on every rank (ldm.checkpoint.save_atomically)."""
+        # Collectives first: once the writes start, a rank that fails must not leave the others inside one.
+        rng_states = {"python": random.getstate(), "numpy": np.random.get_state(), "cuda": paddle.get_rng_state(),
+                      "cpu": paddle.framework.core.default_cpu_generator().get_state()}
+        world = self.args.world_size
+        if world > 1:
+            gathered = []
+            dist.all_gather_object(gathered, rng_states)
+        step = self.state.global_step
+        self._saved_at = step
+
+        def write_files(tmp, rank):
+            if self.args.should_save:
+                self.save_model(tmp)  # model_state.pdparams and training_args.bin, as the stock save
+                paddle.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_NAME))
+                paddle.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
+                if self.do_grad_scaling:
+                    paddle.save(self.scaler.state_dict(), os.path.join(tmp, SCALER_NAME))
+                paddle.save(gathered if world > 1 else rng_states, os.path.join(tmp, f"rng_state_{world}.pth" if world > 1 else "rng_state.pth"))
+                if self.ema is not None:
+                    save_file(self.ema.state_numpy(), os.path.join(tmp, "ema.safetensors"))
+                write_args(tmp, self.run_args)
+                self.state.save_to_json(os.path.join(tmp, TRAINER_STATE_NAME))
+            with open(data_position_file(tmp, rank), "w") as f:
+                json.dump(self.progress.state_dict(), f)
+
+        try:
+            save_atomically(self.args.output_dir, step, write_files, self.args.save_total_limit)
+        except CheckpointWriteError as e:
+            raise SystemExit(f"error: {e}")
+
+    def _set_state_dict_in_model(self, state_dict):
+        try:
+            check_state_shapes(self.model, state_dict, "the checkpoint being resumed")
+        except ValueError as e:
+            exit_on_bad_input(e)
+        return super()._set_state_dict_in_model(state_dict)

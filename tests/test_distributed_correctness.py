@@ -1,0 +1,180 @@
+"""What a 32-GPU, multi-week run gets right or wrong, shown on 1-2 CPU processes.
+
+One module fixture trains the tiny model a few steps on a data set whose records are all the
+same image and caption (so every rank sees the same batches, whatever the sharding):
+  * explicit loop, 1 process;           * explicit loop, 2 processes;
+  * explicit loop, 2 processes, --recompute;   * Trainer, 2 processes.
+"""
+import json
+import os
+import re
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import jpeg_b64, ldm_args, run_script, write_lists, write_part
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def same_records(tmp_path_factory):
+    """Two parts of one repeated record: every rank's batches are identical."""
+    root = tmp_path_factory.mktemp("same")
+    image = jpeg_b64((40, 40), (200, 40, 40))
+    parts = []
+    for p in range(2):
+        path = str(root / f"part-{p:05d}.gz")
+        write_part(path, [f"a red square on a blue background\t_\t{image}"] * 24)
+        parts.append(path)
+    return write_lists(root, parts)
+
+
+def loop_args(shapes, vae, file_list, out, extra=()):
+    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--adam_weight_decay", "0.02", "--max_grad_norm", "1.0",
+            "--max_train_steps", str(STEPS), "--lr_scheduler", "constant", "--logging_steps", "1", "--save_steps", str(STEPS),
+            "--seed", "23", "--num_workers", "1", "--vae_name_or_path", str(vae), "--caption_dropout", "0",
+            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+            "--file_list", file_list, "--model_max_length", "16", "--tokenizer_name", str(shapes["tokenizer"]),
+            "--resolution", "32", "--image_logging_steps", "0", "--num_threads", "1", *extra]
+
+
+def trainer_args(shapes, vae, file_list, out):
+    args = ldm_args(shapes, vae, out, STEPS, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                              "--max_grad_norm", "1.0", "--save_steps", str(STEPS), "--image_logging_steps", "0",
+                                              "--num_threads", "1", "--caption_dropout", "0", "--dataloader_num_workers", "1"])
+    return [a if a != shapes["file_list"] else file_list for a in args]
+
+
+def launch(args, log_dir):
+    res = run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), *args], timeout=900)
+    logs = [open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)]
+    assert res.returncode == 0, res.stderr[-2000:] + logs[0][-3000:] + logs[1][-2000:]
+    return logs
+
+
+def checksums(logs):
+    return [re.findall(r"rank \d: parameter checksum (\S+)", log)[-1] for log in logs]
+
+
+def trained_weights(out):
+    """Trainable weights at the last checkpoint, from either script's checkpoint format."""
+    ckpt = out / f"checkpoint-{STEPS}"
+    if (ckpt / "model.safetensors").is_file():
+        from safetensors.numpy import load_file
+
+        return load_file(str(ckpt / "model.safetensors"))
+    state = paddle.load(str(ckpt / "model_state.pdparams"), return_numpy=True)
+    return {k: v for k, v in state.items() if not k.startswith("vae.")}
+
+
+def max_diff(a, b):
+    keys = set(a) & set(b)
+    assert len(keys) > 10
+    return max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def runs(shapes, vae_dir, same_records, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    res = run_script(loop_args(shapes, vae_dir, same_records, root / "one"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out["one"] = trained_weights(root / "one")
+    for name, args in [("two", loop_args(shapes, vae_dir, same_records, root / "two")),
+                       ("two_recompute", loop_args(shapes, vae_dir, same_records, root / "two_recompute", ["--recompute"])),
+                       ("two_trainer", trainer_args(shapes, vae_dir, same_records, root / "two_trainer"))]:
+        logs = launch(args, root / f"logs_{name}")
+        a, b = checksums(logs)
+        assert a == b, f"{name}: ranks ended with different weights"
+        out[name] = trained_weights(root / name)
+    print({k: f"{max_diff(out['two'], v):.3e}" for k, v in out.items()})
+    return out
+
+
+def test_each_rank_draws_its_own_noise(runs):
+    """Same batches on both ranks: had both ranks drawn the same noise and timesteps, the averaged
+    gradient would equal one process's and the weights would match it exactly."""
+    assert max_diff(runs["one"], runs["two"]) > 1e-5
+
+
+def test_recompute_under_data_parallel_matches_plain_run(runs):
+    assert max_diff(runs["two"], runs["two_recompute"]) < 1e-5
+
+
+def test_trainer_and_explicit_loop_train_the_same(runs):
+    assert max_diff(runs["two"], runs["two_trainer"]) < 1e-5
+
+
+def test_image_logging_leaves_the_training_rng_alone(shapes, vae_dir, same_records, tmp_path):
+    """ppdiffusers' sampling Generator reseeds paddle's global CPU RNG; with image logging every
+    step, the run must still end with the same weights as without."""
+    quiet, logged = tmp_path / "quiet", tmp_path / "logged"
+    for out, every in [(quiet, "0"), (logged, "1")]:
+        args = [a for a in loop_args(shapes, vae_dir, shapes["file_list"], out, ["--num_inference_steps", "2", "--caption_dropout", "0.5"])]
+        args[args.index("--image_logging_steps") + 1] = every
+        res = run_script(args)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert max_diff(trained_weights(quiet), trained_weights(logged)) == 0.0
+
+
+def test_ema_warms_up_and_swaps_in_place():
+    from ldm.ema import COUNTER_KEY, EMA
+
+    layer = paddle.nn.Linear(4, 3)
+    ema = EMA(layer, decay=0.9999)
+    assert abs(ema.decay() - 0.1) < 1e-12  # (1 + 0) / (10 + 0)
+    start = layer.weight.numpy().copy()
+    layer.weight.set_value(paddle.full_like(layer.weight, 1.0))
+    ema.update()  # decay 0.1: 90% of the new weights already
+    assert np.allclose(ema.shadow["weight"].numpy(), 0.1 * start + 0.9)
+    ema.num_updates = 10**6
+    assert ema.decay() == 0.9999  # (1 + n) / (10 + n) passes 0.9999 at n = 89991: capped
+    ema.num_updates = 90
+    assert abs(ema.decay() - 91 / 100) < 1e-12
+    trained = layer.weight.numpy().copy()
+    with ema.applied():
+        inside = layer.weight.numpy().copy()
+    assert np.allclose(inside, 0.1 * start + 0.9)
+    assert np.array_equal(layer.weight.numpy(), trained)
+    state = ema.state_numpy()
+    assert state[COUNTER_KEY][0] == 90
+    fresh = EMA(layer, decay=0.9999)
+    fresh.load_numpy(state)
+    assert fresh.num_updates == 90 and np.array_equal(fresh.shadow["weight"].numpy(), ema.shadow["weight"].numpy())
+
+
+def test_autoencoder_init_matches_torch_defaults():
+    import math
+
+    from conftest import ROOT
+    from ldm.autoencoder import build_autoencoder
+
+    paddle.seed(0)
+    vae = build_autoencoder(os.path.join(ROOT, "config/tiny/vae.json"))
+    for _, layer in vae.named_sublayers():
+        if isinstance(layer, paddle.nn.Conv2D) and layer.weight.size >= 1024:
+            fan_in = layer.weight.shape[1] * layer.weight.shape[2] * layer.weight.shape[3]
+            bound = 1 / math.sqrt(fan_in)
+            assert abs(float(layer.weight.std()) - bound / math.sqrt(3)) / (bound / math.sqrt(3)) < 0.15
+            assert float(layer.weight.abs().max()) <= bound + 1e-6
+            assert float(layer.bias.abs().max()) <= bound + 1e-6 and float(layer.bias.abs().max()) > 0
+        if isinstance(layer, paddle.nn.GroupNorm):
+            assert float(layer.weight.min()) == 1.0 and float(layer.bias.abs().max()) == 0.0
+
+
+def test_resuming_into_weights_of_another_shape_stops_naming_the_tensor(shapes, vae_dir, tmp_path):
+    out = tmp_path / "out"
+    res = run_script(ldm_args(shapes, vae_dir, out, 1, ["--save_steps", "1", "--image_logging_steps", "0"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.load(open("config/tiny/ldmbert.json"))
+    config["encoder_ffn_dim"] = config["encoder_ffn_dim"] * 2
+    wider = tmp_path / "ldmbert.json"
+    wider.write_text(json.dumps(config))
+    args = ldm_args(shapes, vae_dir, out, 2, ["--save_steps", "1", "--image_logging_steps", "0"])
+    args[args.index("--text_encoder_config_file") + 1] = str(wider)
+    res = run_script(args, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert re.search(r"weight text_encoder\.\S+fc1\S* has shape", res.stderr), res.stderr[-2000:]
