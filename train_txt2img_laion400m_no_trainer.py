@@ -11,12 +11,12 @@ import paddle
 import paddle.distributed as dist
 from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
 from paddle.io import DataLoader
-from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.args import DataArguments, LoopArguments, ModelArguments
+from ldm.args import DataArguments, LoopArguments, ModelArguments, parse_args
 from ldm.checkpoint import CheckpointWriteError, load_checkpoint, load_data_position, save_checkpoint
 from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
 from ldm.ema import EMA, maybe_applied
@@ -29,8 +29,7 @@ from ldm.validation import fixed_log_batch
 
 def main():
     # Parse arguments (the Trainer script's --model_name_or_path is --pretrained_model_name_or_path here):
-    parser = PdArgumentParser((ModelArguments, DataArguments, LoopArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses()
+    model_args, data_args, args = parse_args(ModelArguments, DataArguments, LoopArguments)
     model_args.model_name_or_path = model_args.model_name_or_path or args.pretrained_model_name_or_path
 
     # Distributed setup: one process per device; gradients are averaged by DataParallel.
@@ -45,7 +44,8 @@ def main():
         require_writable_dir(args.output_dir)
         model = create_model(model_args, data_args.resolution, args.seed, args.recompute)
         stream = TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
-                                 model_args.caption_dropout, data_args.shuffle_buffer, args.seed)
+                                 model_args.caption_dropout, data_args.shuffle_buffer, args.seed,
+                                 parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio)
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, args.train_batch_size, args.gradient_accumulation_steps, world_size, args.num_workers, threads, stream)
@@ -82,7 +82,7 @@ def main():
                 logger.info("Data stream starts a new pass (--ignore_data_skip, or no saved position)")
     except ValueError as e:
         exit_on_bad_input(e)
-    progress = StreamProgress(world_size, args.num_workers, saved)
+    progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
     loader = DataLoader(as_paddle_dataset(stream), batch_size=args.train_batch_size, num_workers=args.num_workers, drop_last=True)
     vdl = RunLogger(os.path.join(args.output_dir, "runs"))

@@ -1,10 +1,10 @@
 """Stage 2: train LDMBert + UNet on a frozen autoencoder's latents with the PaddleNLP Trainer."""
 import dataclasses
 
-from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments
+from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, parse_args
 from ldm.data import TextImageStream, as_paddle_dataset
 from ldm.ema import maybe_applied
 from ldm.model import create_model
@@ -16,8 +16,7 @@ from ldm.validation import fixed_log_batch
 
 def main():
     # Parse arguments:
-    parser = PdArgumentParser((ModelArguments, DataArguments, LDMTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, training_args = parse_args(ModelArguments, DataArguments, LDMTrainingArguments)
     threads = set_cpu_threads(training_args.num_threads)
     set_seed(training_args.seed)
 
@@ -28,6 +27,7 @@ def main():
         stream = TextImageStream(
             data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
             model_args.caption_dropout, data_args.shuffle_buffer, training_args.seed,
+            parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio,
         )
     except ValueError as e:
         exit_on_bad_input(e)

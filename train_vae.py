@@ -4,10 +4,10 @@ import itertools
 from dataclasses import dataclass, field
 
 import paddle
-from paddlenlp.trainer import PdArgumentParser, set_seed
+from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments
+from ldm.args import DataArguments, LDMTrainingArguments, parse_args
 from ldm.autoencoder import AutoencoderTrainingModel, build_autoencoder
 from ldm.data import TextImageStream, as_paddle_dataset
 from ldm.ema import maybe_applied
@@ -25,8 +25,7 @@ class AutoencoderArguments:
 
 def main():
     # Parse arguments:
-    parser = PdArgumentParser((AutoencoderArguments, DataArguments, LDMTrainingArguments))
-    ae_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    ae_args, data_args, training_args = parse_args(AutoencoderArguments, DataArguments, LDMTrainingArguments)
     set_cpu_threads(training_args.num_threads)
     set_seed(training_args.seed)
 
@@ -34,7 +33,8 @@ def main():
     try:
         require_writable_dir(training_args.output_dir)
         model = AutoencoderTrainingModel(build_autoencoder(ae_args.vae_config_file), ae_args.kl_weight)
-        stream = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed)
+        stream = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed,
+                                 parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio)
     except ValueError as e:
         exit_on_bad_input(e)
     logger.info(f"Autoencoder parameters: {sum(p.size for p in model.parameters()) / 1e6:.2f}M")
@@ -56,7 +56,8 @@ def main():
     # Measure the latent scale and save an AutoencoderKL directory (the EMA weights with --use_ema):
     if trainer.is_world_process_zero():
         # A fresh single-shard pass over the data (not the training stream's position).
-        fresh = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed, rank=0, world_size=1)
+        fresh = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed, rank=0, world_size=1,
+                                max_aspect_ratio=data_args.max_aspect_ratio)
         images = (paddle.to_tensor(r["pixel_values"][None]) for r in fresh.records(fresh.shard_stream(0, 1)))
         batches = [paddle.concat(list(itertools.islice(images, training_args.per_device_train_batch_size))) for _ in range(ae_args.scaling_batches)]
         with maybe_applied(trainer.ema):

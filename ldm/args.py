@@ -9,6 +9,30 @@ from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
+from ldm.data import PARTS_PER_WINDOW
+
+
+def require_positive(args, *names: str) -> None:
+    """Stop at start-up (ValueError, one line) on a count that must be positive."""
+    for name in names:
+        value = getattr(args, name)
+        if value is None or value <= 0:
+            why = " (the data stream is endless, so a run is counted in optimizer steps)" if name in ("max_steps", "max_train_steps") else ""
+            raise ValueError(f"--{name} must be > 0, got {value}{why}")
+
+
+def parse_args(*dataclass_types):
+    """The command line parsed into `dataclass_types`; a bad value (see the classes' __post_init__)
+    stops the run here with one line on stderr and exit code 2, before anything is built."""
+    from paddlenlp.trainer import PdArgumentParser
+
+    from ldm.runtime import exit_on_bad_input
+
+    try:
+        return PdArgumentParser(dataclass_types).parse_args_into_dataclasses()
+    except ValueError as e:
+        exit_on_bad_input(e)
+
 
 @dataclass
 class ModelArguments:
@@ -50,6 +74,18 @@ class DataArguments:
         metadata={"help": "Prompts of the samples logged at --image_logging_steps (always the same prompts and noise, so a cell compares across steps); default: the captions of the stream's first records."},
     )
     shuffle_buffer: int = field(default=1000, metadata={"help": "Lines each data worker reads and permutes together before decoding."})
+    parts_per_window: int = field(
+        default=PARTS_PER_WINDOW,
+        metadata={"help": "Parts each data worker reads side by side into every shuffle window, so one batch mixes several parts (LAION parts are in crawl order)."},
+    )
+    max_aspect_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Skip (and count) images whose longer side is over this many times the shorter; unset keeps every image, centre-cropped."}
+    )
+
+    def __post_init__(self):
+        require_positive(self, "resolution", "shuffle_buffer", "parts_per_window")
+        if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1:
+            raise ValueError(f"--max_aspect_ratio must be >= 1 (the longer side over the shorter), got {self.max_aspect_ratio}")
 
 
 @dataclass
@@ -61,6 +97,11 @@ class LDMTrainingArguments(TrainingArguments):
     use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
+
+    def __post_init__(self):
+        # paddlenlp's max_steps defaults to -1 (count epochs): our stream has none, so it is required.
+        require_positive(self, "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "max_steps")
+        super().__post_init__()
 
 
 def resolve_tokenizer(model_args: ModelArguments) -> str:
@@ -104,4 +145,7 @@ class LoopArguments:
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory to resume from; by default the newest complete one in --output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh even if --output_dir holds checkpoints."})
+
+    def __post_init__(self):
+        require_positive(self, "train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "max_train_steps")
     ignore_data_skip: bool = field(default=False, metadata={"help": "On resume, restart the data stream from the start of a pass (model, optimizer and step are still restored)."})

@@ -654,7 +654,7 @@ class StreamProgress:
             # Within a batch and across batches a worker's position only grows; keep the last.
             self.workers[int(worker[i])] = {"position": position[i].tolist(), "skips": skips[i].tolist()}
             if error[i] and self.fatal is None:
-                self.fatal = (f"error: data worker {int(worker[i])} of rank {max(0, current_rank_and_world()[0])} read a whole pass of its "
+                self.fatal = (f"data worker {int(worker[i])} of rank {max(0, current_rank_and_world()[0])} read a whole pass of its "
                               f"shard of --file_list and {explain_barren(skips_from_vector(skips[i]), self.resolution)}")
 
     def state_dict(self) -> dict:
