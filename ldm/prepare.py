@@ -567,6 +567,13 @@ def write_lists(output_dir: str, tasks: Sequence[PartTask], counts: Dict[int, di
     return file_list
 
 
+KIND_NAMES = {"folder": "image folder", "table": "CSV/TSV table", "tar": "tar shard", "parquet": "parquet file"}
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -622,7 +629,7 @@ def main(argv=None) -> int:
         return 2
     kinds = Counter(s.kind for s in sources)
     total = sum(s.records for s in sources)
-    print(f"sources: {', '.join(f'{n} {k}' for k, n in kinds.items())}; {total} input records", file=sys.stderr)
+    print(f"sources: {', '.join(plural(n, KIND_NAMES[k]) for k, n in kinds.items())}; {total} input records", file=sys.stderr)
     with open(os.path.join(output_dir, "prepare.json"), "w") as f:
         json.dump(manifest(sources, args), f, indent=1)
 
@@ -664,7 +671,7 @@ def main(argv=None) -> int:
         return 1
     file_list = write_lists(output_dir, tasks, counts)
     print(json.dumps(summary))
-    print(f"wrote {written} records to {len([c for c in counts.values() if c['written']])} parts; train with --file_list {file_list}")
+    print(f"wrote {plural(written, 'record')} to {plural(len([c for c in counts.values() if c['written']]), 'part')}; train with --file_list {file_list}")
     return 0
 
 

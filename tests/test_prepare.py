@@ -229,7 +229,7 @@ def test_cli_mixes_sources_with_worker_processes(tmp_path):
     assert summary["parts"] == -(-sum(len(e.captions) + sum(e.skips.values()) for _, e in made) // 6)
     captions, _ = read_back(str(tmp_path / "out" / "train.filelist.list"))
     assert sorted(captions) == expected
-    assert "sources: 1 folder, 1 tar, 1 parquet, 1 table" in res.stderr
+    assert "sources: 1 image folder, 1 tar shard, 1 parquet file, 1 CSV/TSV table; 38 input records" in res.stderr
 
 
 def test_img2dataset_output_folders_are_recognised(tmp_path, capsys):
