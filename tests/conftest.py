@@ -69,7 +69,7 @@ def vae_dir(shapes):
     res = run_script(["train_vae.py", "--do_train", "--file_list", shapes["file_list"], "--output_dir", str(out),
                       "--resolution", "32", "--max_steps", "6", "--vae_config_file", "config/tiny/vae.json",
                       "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
-                      "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2"])
+                      "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2", "--use_ema", "--ema_decay", "0.9"])
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 

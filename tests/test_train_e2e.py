@@ -31,6 +31,13 @@ def test_stage1_writes_a_loadable_autoencoder_with_measured_scale(vae_dir):
     assert np.isfinite(scale) and scale > 0 and abs(scale - 0.18215) > 1e-4
     assert sorted(os.listdir(vae_dir)).count("checkpoint-6") == 1
     assert any(t.startswith("reconstruction") for t in vdl_tags(str(vae_dir)))
+    # With --use_ema the exported autoencoder is the EMA (as the last checkpoint saved it).
+    from safetensors.numpy import load_file
+
+    ema = load_file(str(vae_dir / "checkpoint-6" / "ema.safetensors"))
+    exported = {k: v.numpy() for k, v in vae.state_dict().items()}
+    assert all(np.array_equal(exported[k[len("vae."):]], v) for k, v in ema.items() if k.startswith("vae."))
+    assert int(ema["__ema_num_updates__"][0]) == 6
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +56,10 @@ def test_stage2_checkpoints_logs_and_pipeline(ldm_run):
     assert any("images_per_second" in t for t in tags), tags
     assert any("learning_rate" in t for t in tags), tags
     assert any(t.startswith("ddim-samples-7.5") for t in tags) and any(t.startswith("reconstruction") for t in tags)
+    # DDIM as CompVis and the reference sample it: the last step lands on t=1.
+    assert json.load(open(out / "scheduler" / "scheduler_config.json"))["steps_offset"] == 1
+    # Checkpoints say how to rebuild the model (generate.py reads this).
+    assert json.load(open(out / "checkpoint-8" / "args.json"))["unet_config_file"] == "config/tiny/unet.json"
     state = json.load(open(out / "checkpoint-8" / "trainer_state.json"))
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses and all(np.isfinite(losses))
