@@ -25,6 +25,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import tarfile
 import time
@@ -578,14 +579,23 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_pool(processes: int):
+    """Worker processes that leave Ctrl-C to the parent (which then stops them all, quietly).
+    spawn, not fork: the parent may hold pyarrow's thread pools, which a fork can deadlock."""
+    return multiprocessing.get_context("spawn").Pool(processes, initializer=_ignore_sigint)
+
+
 def run_tasks(tasks: Sequence[PartTask], num_workers: int) -> Iterator[dict]:
     """Write the parts, in worker processes when num_workers > 0; yield each part's counts."""
     if num_workers <= 0 or len(tasks) <= 1:
         for t in tasks:
             yield write_part(t)
         return
-    # spawn, not fork: the parent has pyarrow's thread pools, which a fork can deadlock.
-    with multiprocessing.get_context("spawn").Pool(min(num_workers, len(tasks))) as pool:
+    with worker_pool(min(num_workers, len(tasks))) as pool:
         yield from pool.imap_unordered(write_part, tasks)
 
 

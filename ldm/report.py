@@ -16,7 +16,6 @@ import html
 import heapq
 import io
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from ldm.data import SKIP_REASONS, SkipCounter, iter_unit_lines, load_image, make_units, parse_line, read_file_list
+from ldm.prepare import default_workers, worker_pool
 
 THUMB_SIDE = 192  # longer side of a sample thumbnail, pixels
 
@@ -133,8 +133,7 @@ def gather(units, args) -> dict:
             if take(analyse_unit(t)):
                 break
     else:
-        # spawn: a fresh interpreter per worker, nothing inherited mid-state from this one.
-        with multiprocessing.get_context("spawn").Pool(min(args.num_workers, len(tasks))) as pool:
+        with worker_pool(min(args.num_workers, len(tasks))) as pool:
             for result in pool.imap(analyse_unit, tasks):  # in unit order, so --max_records cuts the same records every run
                 bar.update()
                 if take(result):
@@ -266,10 +265,6 @@ figcaption{{font-size:12px}} .plots img{{margin:4px}}</style></head><body>
     return path
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ldm.report", description=__doc__.splitlines()[0])
     p.add_argument("--file_list", required=True, help="The file list list to look at (as given to training).")
@@ -292,7 +287,11 @@ def main(argv=None) -> int:
     parts = [part for e in entries for part in e.parts]
     # One unit a part; with fewer parts than workers, parts are split by line stride so every worker has some.
     units = make_units(parts, max(1, args.num_workers))
-    total = gather(units, args)
+    try:
+        total = gather(units, args)
+    except KeyboardInterrupt:
+        print("interrupted: no report written", file=sys.stderr)
+        return 130
     summary, stats = summarise(total, args)
     os.makedirs(args.output_dir, exist_ok=True)
     pngs = plot_histograms(stats, args, args.output_dir)
