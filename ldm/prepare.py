@@ -600,21 +600,23 @@ def run_tasks(tasks: Sequence[PartTask], num_workers: int) -> Iterator[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ldm.prepare", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m ldm.prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Turn image folders, webdataset .tar shards, parquet shards or CSV/TSV tables into the\n"
+                                            "seed's parts, a filelist and DIR/train.filelist.list. Re-running on the same DIR resumes.",
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="An image folder (searched recursively; captions in same-named .txt files or metadata.jsonl with "
                         "file_name and text), webdataset .tar shards (KEY.jpg|png|webp with KEY.txt or KEY.json), img2dataset "
                         "parquet shards, a .csv/.tsv of image paths and captions, or a folder of img2dataset output.")
-    p.add_argument("--output_dir", required=True, help="Where part-NNNNN.gz, parts.filelist and train.filelist.list go; re-running on it resumes.")
-    p.add_argument("--records_per_part", type=int, default=1000, help="Input records per part (skipped ones leave their part shorter).")
-    p.add_argument("--min_side", type=int, default=0, help="Skip images whose shorter side is below this many pixels (set it to your --resolution).")
-    p.add_argument("--max_side", type=int, default=0,
+    p.add_argument("--output_dir", required=True, metavar="DIR", help="Where part-NNNNN.gz, parts.filelist and train.filelist.list go; re-running on it resumes.")
+    p.add_argument("--records_per_part", type=int, metavar="N", default=1000, help="Input records per part (skipped ones leave their part shorter).")
+    p.add_argument("--min_side", type=int, metavar="PX", default=0, help="Skip images whose shorter side is below this many pixels (set it to your --resolution).")
+    p.add_argument("--max_side", type=int, metavar="PX", default=0,
                    help="Downscale images whose shorter side is above this many pixels to that shorter side, re-encoded in their "
                         "own format (JPEG stays JPEG); training crops from the shorter side, so keep it >= --resolution. 0 keeps every image as it is.")
-    p.add_argument("--image_column", default=None, help="Image column of parquet (default jpg) or CSV/TSV files (default: the first of file_name, image, image_path, path, filepath, filename).")
-    p.add_argument("--caption_column", default=None, help="Caption column or field of parquet (default caption), CSV/TSV, metadata.jsonl and tar .json files (default: caption, else text).")
-    p.add_argument("--num_workers", type=int, default=default_workers(), help="Processes writing parts in parallel (0: this process); default: one per CPU core.")
+    p.add_argument("--image_column", default=None, metavar="NAME", help="Image column of parquet (default jpg) or CSV/TSV files (default: the first of file_name, image, image_path, path, filepath, filename).")
+    p.add_argument("--caption_column", default=None, metavar="NAME", help="Caption column or field of parquet (default caption), CSV/TSV, metadata.jsonl and tar .json files (default: caption, else text).")
+    p.add_argument("--num_workers", type=int, metavar="K", default=default_workers(), help="Processes writing parts in parallel (0: this process); default: one per CPU core.")
     args = p.parse_args(argv)
     if args.records_per_part < 1:
         p.error("--records_per_part must be >= 1")

@@ -267,14 +267,14 @@ figcaption{{font-size:12px}} .plots img{{margin:4px}}</style></head><body>
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ldm.report", description=__doc__.splitlines()[0])
-    p.add_argument("--file_list", required=True, help="The file list list to look at (as given to training).")
-    p.add_argument("--output_dir", required=True, help="Where index.html, the histogram PNGs and samples/ go.")
-    p.add_argument("--resolution", type=int, default=256, help="Training image side, pixels: records training would skip at it are counted by reason.")
-    p.add_argument("--tokenizer", default=None, help="A tokenizer directory with a BERT vocab.txt (as python -m ldm.tokenizer writes): adds a token-count histogram.")
-    p.add_argument("--model_max_length", type=int, default=77, help="Tokens per caption in training: captions longer than this are counted (they get truncated).")
-    p.add_argument("--max_records", type=int, default=0, help="Stop after this many records (lines), in part order; 0 reads everything.")
-    p.add_argument("--num_samples", type=int, default=48, help="Sample thumbnails with captions on the page.")
-    p.add_argument("--num_workers", type=int, default=default_workers(), help="Processes reading parts in parallel (0: this process); default: one per CPU core.")
+    p.add_argument("--file_list", required=True, metavar="F", help="The file list list to look at (as given to training).")
+    p.add_argument("--output_dir", required=True, metavar="DIR", help="Where index.html, the histogram PNGs and samples/ go.")
+    p.add_argument("--resolution", type=int, metavar="PX", default=256, help="Training image side, pixels: records training would skip at it are counted by reason.")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="A tokenizer directory with a BERT vocab.txt (as python -m ldm.tokenizer writes): adds a token-count histogram.")
+    p.add_argument("--model_max_length", type=int, metavar="N", default=77, help="Tokens per caption in training: captions longer than this are counted (they get truncated).")
+    p.add_argument("--max_records", type=int, metavar="N", default=0, help="Stop after this many records (lines), in part order; 0 reads everything.")
+    p.add_argument("--num_samples", type=int, metavar="N", default=48, help="Sample thumbnails with captions on the page.")
+    p.add_argument("--num_workers", type=int, metavar="K", default=default_workers(), help="Processes reading parts in parallel (0: this process); default: one per CPU core.")
     args = p.parse_args(argv)
     if args.tokenizer and not os.path.isfile(os.path.join(args.tokenizer, "vocab.txt")):
         p.error(f"--tokenizer {args.tokenizer!r} has no vocab.txt (python -m ldm.tokenizer writes one)")
