@@ -1,54 +1,57 @@
-"""Build a BERT WordPiece vocabulary from the captions of a file list.
+"""Build a BERT WordPiece tokenizer from the captions of a file list.
 
 For users with no local `bert-base-uncased`: the result is a directory that
 `paddlenlp.transformers.BertTokenizer.from_pretrained` (and so the stock pipeline) loads.
-Whole words seen in the captions become tokens, most frequent first; every character
-seen is also a token and a `##` continuation piece, so any caption tokenizes without
-[UNK] for characters that occurred.
+The vocabulary is learnt by HF `tokenizers`' WordPiece trainer with BERT's normalisation
+(lower case, accents stripped, split on whitespace and punctuation, CJK characters apart),
+so frequent words are one token and a rare word is a few subword pieces (`##` continuations),
+not one token per character. Only the caption column is read: no image is decoded.
 """
 import argparse
 import os
 import sys
-from collections import Counter
-from typing import Iterable
+from typing import Iterable, List
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0, LDMBert's pad_token_id
 
 
 def iter_captions(file_list: str) -> Iterable[str]:
-    from ldm.data import iter_unit_lines, make_units, parse_line, read_file_list, SkipCounter
+    """The caption (column 1) of every record line of every part, once; parts that cannot be
+    read are counted and logged by ldm.data as in training."""
+    from ldm.data import SkipCounter, iter_unit_lines, make_units, read_file_list
 
     skips = SkipCounter()
+    skips.where = "the tokenizer builder"
     for entry in read_file_list(file_list):
         for unit in make_units(entry.parts, 1):
             for _, raw in iter_unit_lines(unit, skips):
-                caption, _, reason = parse_line(raw)
-                if reason is None:
-                    yield caption
+                if raw.count(b"\t") < 2:
+                    continue  # not a record (training skips it as short_line)
+                try:
+                    yield raw[: raw.index(b"\t")].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
 
 
-def build_vocab(captions: Iterable[str], max_words: int = 30000, min_count: int = 1):
-    from paddlenlp.transformers.bert.tokenizer import BasicTokenizer
+def build_vocab(captions: Iterable[str], vocab_size: int = 30522) -> List[str]:
+    """A WordPiece vocabulary of at most `vocab_size` tokens learnt from the captions, by id:
+    the specials first, then the characters seen, then the learnt subwords and words."""
+    from tokenizers import BertWordPieceTokenizer
 
-    basic = BasicTokenizer(do_lower_case=True)
-    words, chars = Counter(), set()
-    for caption in captions:
-        for word in basic.tokenize(caption):
-            words[word] += 1
-            chars.update(word)
-    vocab = list(SPECIAL)
-    vocab += sorted(chars) + ["##" + c for c in sorted(chars)]
-    seen = set(vocab)
-    for word, count in words.most_common():
-        if len(vocab) >= max_words + len(SPECIAL) + 2 * len(chars):
-            break
-        if count >= min_count and word not in seen:
-            vocab.append(word)
-            seen.add(word)
-    return vocab
+    # The same normalisation and pre-tokenisation as paddlenlp's BertTokenizer(do_lower_case=True).
+    tokenizer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    tokenizer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL, show_progress=False)
+    vocab = tokenizer.get_vocab()
+    learnt = sorted(vocab, key=vocab.get)
+    # The trainer only has "##c" for characters it saw inside a word (and "c" for ones it saw
+    # first), so an unseen word such as "sunflower" would be one [UNK]. Add the missing forms of
+    # every character, making room by dropping the last (rarest) merges.
+    chars = {t[2:] if t.startswith("##") else t for t in learnt if len(t.removeprefix("##")) == 1 and t not in SPECIAL}
+    missing = sorted(form for c in chars for form in (c, "##" + c) if form not in vocab)
+    return learnt[: max(len(SPECIAL), vocab_size - len(missing))] + missing
 
 
-def write_tokenizer(vocab, output_dir: str, model_max_length: int = 77) -> str:
+def write_tokenizer(vocab: List[str], output_dir: str, model_max_length: int = 77) -> str:
     from paddlenlp.transformers import BertTokenizer
 
     os.makedirs(output_dir, exist_ok=True)
@@ -62,23 +65,24 @@ def write_tokenizer(vocab, output_dir: str, model_max_length: int = 77) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ldm.tokenizer", description=__doc__.splitlines()[0])
-    parser.add_argument("--file_list", required=True, help="File list (SPEC section 2) whose captions make the vocabulary.")
+    parser.add_argument("--file_list", required=True, help="File list (SPEC section 2) whose captions the vocabulary is learnt from.")
     parser.add_argument("--output_dir", required=True, help="Directory to write vocab.txt and the tokenizer config into.")
-    parser.add_argument("--max_words", type=int, default=30000, help="Most frequent whole words kept (besides specials and characters).")
+    parser.add_argument("--vocab_size", type=int, default=30522, help="Tokens in the vocabulary at most (BERT's 30522 by default); fewer if the captions hold fewer.")
     parser.add_argument("--model_max_length", type=int, default=77, help="Tokens per caption after padding or truncation.")
     args = parser.parse_args(argv)
+    if args.vocab_size < len(SPECIAL) + 1:
+        parser.error(f"--vocab_size must be > {len(SPECIAL)} (the special tokens), got {args.vocab_size}")
     try:
-        vocab = build_vocab(iter_captions(args.file_list), args.max_words)
+        vocab = build_vocab(iter_captions(args.file_list), args.vocab_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(vocab) <= len(SPECIAL):
+        print(f"error: --file_list {args.file_list!r} holds no caption to learn a vocabulary from", file=sys.stderr)
         return 2
     write_tokenizer(vocab, args.output_dir, args.model_max_length)
     print(f"{args.output_dir}: {len(vocab)} tokens")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # Strings on which the fast twin must give exactly the paddlenlp tokenizer's ids.
@@ -133,3 +137,7 @@ class CaptionEncoder:
 
         ids = self.fast.encode(caption).ids if self.fast is not None else self.slow_ids(caption)
         return np.asarray(ids, dtype="int64")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

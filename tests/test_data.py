@@ -406,3 +406,34 @@ def test_model_maps_stream_pixels_to_minus_one_one():
     x = paddle.to_tensor(np.array([[[0, 255], [128, 64]]], dtype=np.uint8))
     y = to_model_range(x).numpy()
     assert y.dtype == np.float32 and y.min() == -1.0 and y.max() == 1.0
+
+
+def test_tokenizer_learns_subwords_from_the_caption_column_only(tmp_path):
+    """python -m ldm.tokenizer: a WordPiece vocabulary of at most --vocab_size tokens, learnt from
+    column 1 alone (a record with a broken image still lends its caption), loaded by paddlenlp."""
+    from paddlenlp.transformers import BertTokenizer
+
+    from ldm.tokenizer import CaptionEncoder
+
+    words = ["sun", "flower", "sunlight", "flowers", "garden", "gardener", "photo", "painting", "red", "yellow"]
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(words, 6)) for _ in range(300)]
+    part = str(tmp_path / "part-00000.gz")
+    write_part(part, [f"{c}\t_\t@@@ not an image @@@" for c in captions] + ["zqxjv\tonly two columns"])
+    out = tmp_path / "tok"
+    res = run_script(["-m", "ldm.tokenizer", "--file_list", write_lists(tmp_path, [part]), "--output_dir", str(out),
+                      "--vocab_size", "60", "--model_max_length", "16"])
+    assert res.returncode == 0, res.stderr
+    vocab = (out / "vocab.txt").read_text().splitlines()
+    assert len(vocab) <= 60 and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert "z" not in vocab and "q" not in vocab, "a line without 3 columns is not a caption"
+    assert any(t.startswith("##") and len(t) > 3 for t in vocab), "learnt multi-character continuation pieces"
+    tokenizer = BertTokenizer.from_pretrained(str(out))
+    # An unseen word made of seen pieces costs a few tokens, not one per character.
+    pieces = tokenizer.tokenize("sunflowers")
+    assert "[UNK]" not in pieces and len(pieces) <= 5, pieces  # the old builder: one per character, 10
+    # The fast twin (HF tokenizers, same vocab) gives paddlenlp's ids exactly.
+    encoder = CaptionEncoder(tokenizer, 16)
+    assert encoder.fast is not None
+    for caption in captions[:50] + ["Sunflowers in the GARDEN, painting!", "naïve café 中文"]:
+        assert encoder(caption).tolist() == list(encoder.slow_ids(caption))
