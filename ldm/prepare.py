@@ -408,35 +408,33 @@ def image_bytes(value) -> Optional[bytes]:
 
 
 def read_parquet(path: str, start: int, stop: int, image_column: str, caption_column: str) -> Iterator[Record]:
+    """Rows start .. stop-1, row group by row group, so a corrupt group loses (and counts) only its own rows."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    index = start
     try:
         pf = pq.ParquetFile(path)
-        # Only the row groups that overlap [start, stop), in batches to bound memory.
-        first, groups, skip = 0, [], 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if first < stop and first + n > start:
-                if not groups:
-                    skip = start - first  # rows of the first group that belong to earlier parts
-                groups.append(g)
-            first += n
-        if not groups:
-            return
-        for batch in pf.iter_batches(batch_size=256, row_groups=groups, columns=[image_column, caption_column]):
-            images, captions = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-            for image, caption in zip(images, captions):
-                if skip:
-                    skip -= 1
-                    continue
-                if index >= stop:
-                    return
-                index += 1
-                yield caption, image_bytes(image), None
-    except Exception:  # a corrupt page or column chunk: the rest of this range is lost, and counted
-        for _ in range(index, stop):
-            yield None, None, "unreadable_member"
+    except (OSError, pa.ArrowException):
+        yield from [(None, None, "unreadable_member")] * (stop - start)
+        return
+    first = 0  # number of the group's first row
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            row, done = first, 0
+            try:
+                for batch in pf.iter_batches(batch_size=256, row_groups=[g], columns=[image_column, caption_column]):
+                    for image, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                        if lo <= row < hi:
+                            done += 1
+                            yield caption, image_bytes(image), None
+                        row += 1
+                    if row >= hi:
+                        break
+            except (OSError, pa.ArrowException):  # a corrupt page or column chunk
+                yield from [(None, None, "unreadable_member")] * (hi - lo - done)
+        first += n
 
 
 # ---------------------------------------------------------------------------

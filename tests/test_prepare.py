@@ -258,6 +258,20 @@ def test_truncated_shard_keeps_the_records_before_the_cut(tmp_path, capsys):
     assert set(captions) <= set(expect.captions)
 
 
+def test_corrupt_parquet_row_group_loses_only_its_rows(tmp_path, capsys):
+    table = pa.table({"jpg": [image_bytes(i) for i in range(12)], "caption": [f"row {i}" for i in range(12)]})
+    path = tmp_path / "shard.parquet"
+    pq.write_table(table, path, row_group_size=4, compression="NONE")
+    data = bytearray(path.read_bytes())
+    page = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data[page + 10 : page + 400] = b"\xff" * 390  # rows 4-7: a garbled page header
+    path.write_bytes(bytes(data))
+    summary = run_prepare([str(path)], tmp_path / "out", "--records_per_part", "5", capsys=capsys)
+    assert summary["written"] == 8 and summary["skipped"] == {"unreadable_member": 4}
+    captions, _ = read_back(str(tmp_path / "out" / "train.filelist.list"))
+    assert sorted(captions) == sorted(f"row {i}" for i in (0, 1, 2, 3, 8, 9, 10, 11))
+
+
 def test_min_and_max_side(tmp_path, capsys):
     """--min_side skips small images; --max_side downscales the shorter side, JPEG stays JPEG, turned upright."""
     folder = tmp_path / "folder"
