@@ -16,8 +16,8 @@ from paddlenlp.utils.log import logger
 from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.args import DataArguments, LoopArguments, ModelArguments, parse_args
-from ldm.checkpoint import CheckpointWriteError, load_checkpoint, load_data_position, save_checkpoint
+from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, parse_args
+from ldm.checkpoint import CheckpointWriteError, data_position_to_resume, load_checkpoint, save_checkpoint
 from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
 from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
@@ -29,7 +29,7 @@ from ldm.validation import fixed_log_batch
 
 def main():
     # Parse arguments (the Trainer script's --model_name_or_path is --pretrained_model_name_or_path here):
-    model_args, data_args, args = parse_args(ModelArguments, DataArguments, LoopArguments)
+    model_args, data_args, recipe_args, args = parse_args(ModelArguments, DataArguments, RecipeArguments, LoopArguments)
     model_args.model_name_or_path = model_args.model_name_or_path or args.pretrained_model_name_or_path
 
     # Distributed setup: one process per device; gradients are averaged by DataParallel.
@@ -42,7 +42,7 @@ def main():
     # Create model and data (bad paths stop here, before any training):
     try:
         require_writable_dir(args.output_dir)
-        model = create_model(model_args, data_args.resolution, args.seed, args.recompute)
+        model = create_model(model_args, data_args.resolution, args.seed, args.recompute, recipe_args.recipe())
         stream = TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
                                  model_args.caption_dropout, data_args.shuffle_buffer, args.seed,
                                  parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio)
@@ -75,11 +75,9 @@ def main():
         resume = checkpoint_to_resume(args)
         if resume:
             step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler)
-            saved = None if args.ignore_data_skip else load_data_position(resume, rank)
+            saved = data_position_to_resume(resume, rank, data_args.resolution, args.ignore_data_skip)
             if saved is not None:
                 stream.resume(saved, args.num_workers)
-            else:
-                logger.info("Data stream starts a new pass (--ignore_data_skip, or no saved position)")
     except ValueError as e:
         exit_on_bad_input(e)
     progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution)
@@ -158,7 +156,7 @@ def main():
         if step % args.save_steps == 0 or step == args.max_train_steps or verdict.preempt:
             try:
                 save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),
-                                {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)},
+                                {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **dataclasses.asdict(args)},
                                 ema, scaler, args.save_total_limit)
             except CheckpointWriteError as e:
                 raise SystemExit(f"error: {e}")

@@ -4,7 +4,7 @@ import dataclasses
 from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, parse_args
+from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, parse_args
 from ldm.data import TextImageStream, as_paddle_dataset
 from ldm.ema import maybe_applied
 from ldm.model import create_model
@@ -16,14 +16,14 @@ from ldm.validation import fixed_log_batch
 
 def main():
     # Parse arguments:
-    model_args, data_args, training_args = parse_args(ModelArguments, DataArguments, LDMTrainingArguments)
+    model_args, data_args, recipe_args, training_args = parse_args(ModelArguments, DataArguments, RecipeArguments, LDMTrainingArguments)
     threads = set_cpu_threads(training_args.num_threads)
     set_seed(training_args.seed)
 
     # Create model and data (bad paths stop here, before any training):
     try:
         require_writable_dir(training_args.output_dir)
-        model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute)
+        model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute, recipe_args.recipe())
         stream = TextImageStream(
             data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
             model_args.caption_dropout, data_args.shuffle_buffer, training_args.seed,
@@ -42,7 +42,7 @@ def main():
         trainer = StreamTrainer(
             model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
             image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
-            run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}, log_batch=log_batch,
+            run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **training_args.to_dict()}, log_batch=log_batch,
         )
     except ValueError as e:
         exit_on_bad_input(e)

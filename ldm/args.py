@@ -63,6 +63,25 @@ class ModelArguments:
 
 
 @dataclass
+class RecipeArguments:
+    """The training objective, the same flags in both stage-2 scripts (README "Recipe")."""
+
+    prediction_type: str = field(default="epsilon", metadata={"help": "What the UNet predicts: epsilon (the noise; the LDM paper) or v_prediction (v = sqrt(a) eps - sqrt(1-a) x0; needed with --zero_terminal_snr)."})
+    snr_gamma: float = field(default=0.0, metadata={"help": "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); 0 keeps the plain MSE."})
+    zero_terminal_snr: bool = field(default=False, metadata={"help": "Rescale the betas so the last timestep is pure noise (Lin et al. 2024); sampling then starts from pure noise ('trailing' timesteps). Needs v_prediction."})
+    noise_offset: float = field(default=0.0, metadata={"help": "Offset noise: add this times a per-image, per-channel Gaussian constant to the noise (0.05-0.1 typical) so images can be very dark or bright; 0 = off."})
+    input_perturbation: float = field(default=0.0, metadata={"help": "Perturb only the UNet's noisy input with this much extra noise (0.1 in Ning et al. 2023) against exposure bias; 0 = off."})
+
+    def __post_init__(self):
+        self.recipe().check()  # a bad combination stops at start-up (parse_args prints the one line)
+
+    def recipe(self):
+        from ldm.model import Recipe
+
+        return Recipe(self.prediction_type, self.snr_gamma, self.zero_terminal_snr, self.noise_offset, self.input_perturbation)
+
+
+@dataclass
 class DataArguments:
     file_list: str = field(
         default="./data/filelist/train.filelist.list",

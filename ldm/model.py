@@ -9,6 +9,7 @@ Nothing is ever downloaded: every path must be a local directory or file.
 """
 import contextlib
 import inspect
+from dataclasses import dataclass
 import json
 import os
 from typing import List, Optional
@@ -34,10 +35,76 @@ from ppdiffusers.utils.initializer_utils import normal_, reset_initialized_param
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def ddim_scheduler() -> DDIMScheduler:
+@dataclass
+class Recipe:
+    """The training objective (the defaults are the LDM paper's and the seed's). See README "Recipe"."""
+
+    prediction_type: str = "epsilon"  # or "v_prediction" (Salimans & Ho 2022)
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+    zero_terminal_snr: bool = False  # rescaled betas: SNR(T) = 0 (Lin et al. 2024)
+    noise_offset: float = 0.0  # per-(image, channel) constant added to the noise (offset noise)
+    input_perturbation: float = 0.0  # extra noise on the model's input only (Ning et al. 2023)
+
+    def check(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            # At t = T the input is pure noise, so predicting that noise teaches nothing (Lin et al. 2024, 3.2).
+            raise ValueError("--zero_terminal_snr needs --prediction_type v_prediction: at zero SNR the noise is the input itself")
+        for flag in ("snr_gamma", "noise_offset", "input_perturbation"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
+
+    def schedule(self) -> dict:
+        """The scheduler config both training and sampling need, so the exported scheduler/ samples right."""
+        config = dict(SCHEDULE, prediction_type=self.prediction_type)
+        if self.zero_terminal_snr:
+            # Lin et al. 2024, section 3.3: with SNR(T) = 0 sampling must start from the last
+            # timestep, which "trailing" spacing does and the default "leading" does not.
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        return config
+
+
+def sample_noise(shape, dtype, offset: float = 0.0) -> paddle.Tensor:
+    """Gaussian noise; with offset noise (Guttenberg 2023) plus `offset` times a constant per
+    image and channel, which lets the model shift an image's mean brightness (plain Gaussian
+    noise almost never asks it to, so it learns mid-grey images)."""
+    noise = paddle.randn(shape, dtype=dtype)
+    if offset:
+        noise = noise + offset * paddle.randn([shape[0], shape[1], 1, 1], dtype=dtype)
+    return noise
+
+
+def training_target(scheduler, latents, noise, timesteps, prediction_type: str) -> paddle.Tensor:
+    """What the UNet learns to output: the noise, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, timesteps)
+
+
+def ddim_scheduler(recipe: Optional[Recipe] = None) -> DDIMScheduler:
     """The sampler of the logged images and of the exported pipeline (the seed's settings)."""
     # steps_offset=1 as CompVis' and the reference's DDIM: the last step lands on t=1, not t=0.
-    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**(recipe or Recipe()).schedule(), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def snr(alphas_cumprod: paddle.Tensor, timesteps: paddle.Tensor) -> paddle.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) at each timestep."""
+    a = alphas_cumprod.astype("float32").gather(timesteps)
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr_t: paddle.Tensor, gamma: float, prediction_type: str) -> paddle.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 9 and Table 1): the
+    x0-loss weight min(SNR, gamma) expressed in the loss of what the network predicts:
+    min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v.
+    At SNR = 0 (only with --zero_terminal_snr) the v weight would be 0 and the step that
+    zero terminal SNR adds would never be trained; it gets weight 1 there (as in diffusers)."""
+    clipped = paddle.minimum(snr_t, paddle.full_like(snr_t, gamma))
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    weights = clipped / (snr_t + 1.0)
+    return paddle.where(snr_t == 0, paddle.ones_like(weights), weights)
 
 
 def require_local(path: Optional[str], flag: str, what: str = "directory") -> str:
@@ -152,8 +219,10 @@ def freeze(layer: nn.Layer) -> None:
 class LatentDiffusionModel(nn.Layer):
     """UNet and LDMBert trained jointly on the latents of a frozen autoencoder."""
 
-    def __init__(self, vae, text_encoder: LDMBertModel, unet: UNet2DConditionModel, tokenizer):
+    def __init__(self, vae, text_encoder: LDMBertModel, unet: UNet2DConditionModel, tokenizer, recipe: Optional[Recipe] = None):
         super().__init__()
+        self.recipe = recipe or Recipe()
+        self.recipe.check()
         self.vae = vae
         self.text_encoder = text_encoder
         self.unet = unet
@@ -163,7 +232,7 @@ class LatentDiffusionModel(nn.Layer):
         # the optimizer and keeps DataParallel from waiting on gradients that never come.
         for p in self.text_encoder.to_logits.parameters():
             p.stop_gradient = True
-        self.noise_scheduler = DDPMScheduler(**SCHEDULE)
+        self.noise_scheduler = DDPMScheduler(**self.recipe.schedule())
         self.scaling_factor = float(self.vae.config.scaling_factor)
         # Latent side = pixels / 2**(number of downsamplings in the autoencoder).
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -171,7 +240,7 @@ class LatentDiffusionModel(nn.Layer):
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_pipeline_dir(cls, path: str, model_max_length: int) -> "LatentDiffusionModel":
+    def from_pipeline_dir(cls, path: str, model_max_length: int, recipe: Optional[Recipe] = None) -> "LatentDiffusionModel":
         require_local(path, "--model_name_or_path")
         for sub in ("vqvae", "bert", "tokenizer", "unet"):
             if not os.path.isdir(os.path.join(path, sub)):
@@ -185,10 +254,19 @@ class LatentDiffusionModel(nn.Layer):
             logger.warning(f"--model_max_length {model_max_length} exceeds the {positions} positions of {path}/bert; using {positions}")
             model_max_length = positions
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), model_max_length)
-        return cls(load_autoencoder(os.path.join(path, "vqvae")), text_encoder, UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")), tokenizer)
+        recipe = recipe or Recipe()
+        scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.isfile(scheduler_config):
+            trained_as = read_json(scheduler_config).get("prediction_type", "epsilon")
+            if trained_as != recipe.prediction_type:
+                from paddlenlp.utils.log import logger
+
+                logger.warning(f"{path} was trained with prediction_type {trained_as}; this run trains {recipe.prediction_type} (--prediction_type)")
+        return cls(load_autoencoder(os.path.join(path, "vqvae")), text_encoder, UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")),
+                   tokenizer, recipe)
 
     @classmethod
-    def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None):
+    def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None, recipe=None):
         # Validate every path before building anything large.
         require_local(vae_path, "--vae_name_or_path")
         require_local(text_encoder_config_file, "--text_encoder_config_file", "file")
@@ -204,7 +282,7 @@ class LatentDiffusionModel(nn.Layer):
         if unet.config.cross_attention_dim != text_encoder.config.d_model:
             raise ValueError(f"--unet_config_file has cross_attention_dim={unet.config.cross_attention_dim} but LDMBert's d_model is {text_encoder.config.d_model}")
         init_like_reference(text_encoder, unet)
-        return cls(vae, text_encoder, unet, tokenizer)
+        return cls(vae, text_encoder, unet, tokenizer, recipe)
 
     def trainable_parameters(self) -> List[paddle.Tensor]:
         return [p for p in self.parameters() if not p.stop_gradient]
@@ -228,15 +306,27 @@ class LatentDiffusionModel(nn.Layer):
         return latents * self.scaling_factor
 
     def forward(self, input_ids=None, pixel_values=None, **kwargs):
-        """The LDM objective: MSE between the true and predicted epsilon at a random timestep."""
+        """The LDM objective: MSE between what the UNet predicts (epsilon, or v) and its true value
+        at a random timestep, with the recipe's options (ldm.model.Recipe)."""
         self.vae.eval()
         latents = self.encode_latents(pixel_values)
-        noise = paddle.randn(latents.shape, dtype=latents.dtype)
+        recipe = self.recipe
+        noise = sample_noise(latents.shape, latents.dtype, recipe.noise_offset)
         timesteps = paddle.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).astype("int64")
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        model_noise = noise
+        if recipe.input_perturbation:
+            # Input perturbation (Ning et al. 2023): the input is noised a little more than the
+            # target says, which reduces the train/sample exposure bias.
+            model_noise = noise + recipe.input_perturbation * paddle.randn(noise.shape, dtype=noise.dtype)
+        noisy_latents = self.noise_scheduler.add_noise(latents, model_noise, timesteps)
+        target = training_target(self.noise_scheduler, latents, noise, timesteps, recipe.prediction_type)
         encoder_hidden_states = self.text_encoder(input_ids)[0]
-        noise_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        return F.mse_loss(noise_pred.astype("float32"), noise, reduction="mean")
+        pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        if not recipe.snr_gamma:
+            return F.mse_loss(pred.astype("float32"), target, reduction="mean")
+        per_sample = ((pred.astype("float32") - target) ** 2).mean(axis=[1, 2, 3])
+        weights = min_snr_weights(snr(self.noise_scheduler.alphas_cumprod, timesteps), recipe.snr_gamma, recipe.prediction_type)
+        return (per_sample * weights).mean()
 
     # -- images for logging -----------------------------------------------------------------
 
@@ -257,7 +347,7 @@ class LatentDiffusionModel(nn.Layer):
             return self._sample(input_ids, num_inference_steps, guidance_scale, seed)
 
     def _sample(self, input_ids, num_inference_steps, guidance_scale, seed):
-        scheduler = ddim_scheduler()
+        scheduler = ddim_scheduler(self.recipe)
         scheduler.set_timesteps(num_inference_steps)
         cond = self.text_encoder(input_ids)[0]
         uncond_ids = self.tokenizer([""] * input_ids.shape[0], padding="max_length", truncation=True, max_length=input_ids.shape[1], return_tensors="pd")["input_ids"]
@@ -266,12 +356,13 @@ class LatentDiffusionModel(nn.Layer):
         generator = paddle.Generator().manual_seed(seed)
         latents = paddle.randn([input_ids.shape[0], self.unet.config.in_channels, size, size], generator=generator)
         for t in scheduler.timesteps:
+            # (epsilon or v: the scheduler's prediction_type says which, and step() converts)
             if guidance_scale == 1.0:
-                eps = self.unet(latents, t, encoder_hidden_states=cond).sample
+                pred = self.unet(latents, t, encoder_hidden_states=cond).sample
             else:
-                eps_u, eps_c = self.unet(paddle.concat([latents] * 2), t, encoder_hidden_states=paddle.concat([uncond, cond])).sample.chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
-            latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+                pred_u, pred_c = self.unet(paddle.concat([latents] * 2), t, encoder_hidden_states=paddle.concat([uncond, cond])).sample.chunk(2)
+                pred = pred_u + guidance_scale * (pred_c - pred_u)
+            latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
         return to_uint8(self.vae.decode(latents / self.scaling_factor).sample)
 
     def log_images(self, batch, num_inference_steps: int):
@@ -285,7 +376,7 @@ class LatentDiffusionModel(nn.Layer):
     # -- export -----------------------------------------------------------------------------
 
     def to_pipeline(self) -> LDMTextToImagePipeline:
-        return LDMTextToImagePipeline(vqvae=self.vae, bert=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet, scheduler=ddim_scheduler())
+        return LDMTextToImagePipeline(vqvae=self.vae, bert=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet, scheduler=ddim_scheduler(self.recipe))
 
     def save_pipeline(self, output_dir: str) -> None:
         """Write a directory that stock `LDMTextToImagePipeline.from_pretrained` loads (SPEC section 3)."""
@@ -312,16 +403,18 @@ def decay_parameter_names(model) -> set:
     return {p.name for n, p in model.named_parameters() if not any(nd in n for nd in ("bias", "norm"))}
 
 
-def create_model(model_args, resolution: int, seed: int, recompute: bool = False) -> LatentDiffusionModel:
+def create_model(model_args, resolution: int, seed: int, recompute: bool = False, recipe: Optional[Recipe] = None) -> LatentDiffusionModel:
     """The model both training scripts train: from a pipeline directory, or from scratch."""
     from ldm.args import resolve_tokenizer
 
+    if recipe is not None:
+        recipe.check()  # before anything large is built
     if model_args.model_name_or_path:
-        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length)
+        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length, recipe)
     else:
         model = LatentDiffusionModel.from_scratch(
             model_args.vae_name_or_path, model_args.text_encoder_config_file, model_args.unet_config_file,
-            resolve_tokenizer(model_args), model_args.model_max_length, seed=seed,
+            resolve_tokenizer(model_args), model_args.model_max_length, seed=seed, recipe=recipe,
         )
     if resolution % model.vae_scale:
         raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling factor {model.vae_scale}")

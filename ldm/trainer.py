@@ -32,7 +32,7 @@ from paddlenlp.trainer.trainer import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAM
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file, save_file
 
-from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, load_data_position, save_atomically,
+from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, data_position_to_resume, save_atomically,
                             write_args)
 from ldm.data import StreamProgress
 from ldm.ema import EMA, maybe_applied
@@ -60,12 +60,11 @@ class StreamTrainer(Trainer):
         # Resume the data stream from the checkpoint's saved position, not by replaying
         # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
         # RNG state ourselves before the first step (the Trainer only does so when it skips).
-        saved = load_data_position(resume_from, rank) if resume_from and not self.args.ignore_data_skip else None
+        stream = self.train_dataset.stream
+        saved = data_position_to_resume(resume_from, rank, stream.resolution, self.args.ignore_data_skip) if resume_from else None
         if saved is not None:
-            self.train_dataset.stream.resume(saved, self.args.dataloader_num_workers)
+            stream.resume(saved, self.args.dataloader_num_workers)
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
-        elif resume_from:
-            logger.info("Data stream starts a new pass (--ignore_data_skip, or no saved position)")
         self.args.ignore_data_skip = True
         self.progress = StreamProgress(self.train_dataset.stream.world_size, self.args.dataloader_num_workers, saved)
         self._rng_checkpoint = resume_from

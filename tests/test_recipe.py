@@ -1,0 +1,126 @@
+"""The training recipe: v-prediction, min-SNR, zero terminal SNR, offset noise, resolution stages."""
+import json
+import math
+
+import numpy as np
+import paddle
+import pytest
+from ppdiffusers import DDPMScheduler
+
+from conftest import ldm_args, run_script
+from ldm.model import Recipe, min_snr_weights, sample_noise, snr, training_target
+
+
+def alphas_cumprod(recipe=None):
+    return DDPMScheduler(**(recipe or Recipe()).schedule()).alphas_cumprod
+
+
+def test_v_target_matches_its_definition():
+    scheduler = DDPMScheduler(**Recipe("v_prediction").schedule())
+    paddle.seed(0)
+    x0, eps = paddle.randn([3, 4, 8, 8]), paddle.randn([3, 4, 8, 8])
+    t = paddle.to_tensor([0, 500, 999], dtype="int64")
+    v = training_target(scheduler, x0, eps, t, "v_prediction").numpy()
+    a = scheduler.alphas_cumprod.numpy()[[0, 500, 999]].astype(np.float64).reshape(3, 1, 1, 1)
+    expected = np.sqrt(a) * eps.numpy() - np.sqrt(1 - a) * x0.numpy()  # Salimans & Ho 2022, section 4
+    assert np.abs(v - expected).max() < 1e-5
+    assert training_target(scheduler, x0, eps, t, "epsilon") is eps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_by_hand(prediction_type):
+    """gamma = 5: at t = 0 the SNR is huge (weight gamma/SNR or gamma/(SNR+1)); late, SNR < 5
+    and the weight is 1 (epsilon) or SNR/(SNR+1) (v)."""
+    a = alphas_cumprod().numpy().astype(np.float64)
+    t = [0, 100, 500, 999]
+    snr_t = snr(alphas_cumprod(), paddle.to_tensor(t, dtype="int64"))
+    weights = min_snr_weights(snr_t, 5.0, prediction_type).numpy()
+    for k, step in enumerate(t):
+        s = a[step] / (1 - a[step])
+        expected = min(s, 5.0) / (s if prediction_type == "epsilon" else s + 1)
+        assert math.isclose(weights[k], expected, rel_tol=1e-4), (step, weights[k], expected)
+    assert a[0] / (1 - a[0]) > 5 > a[999] / (1 - a[999])  # the hand values cover both sides of gamma
+
+
+def test_zero_terminal_snr_rescales_the_last_step_to_pure_noise():
+    plain = alphas_cumprod().numpy()
+    rescaled = alphas_cumprod(Recipe("v_prediction", zero_terminal_snr=True)).numpy()
+    assert plain[-1] > 0.004  # the LDM schedule leaves ~0.5% of the signal at t = 999
+    assert rescaled[-1] == 0.0
+    assert abs(rescaled[0] - plain[0]) < 1e-6  # the first step is kept
+    # With SNR = 0 the v weight is taken as 1, never 0 or NaN.
+    w = min_snr_weights(snr(paddle.to_tensor(rescaled), paddle.to_tensor([999], dtype="int64")), 5.0, "v_prediction")
+    assert float(w[0]) == 1.0
+
+
+def test_offset_noise_adds_one_constant_per_image_and_channel():
+    paddle.seed(3)
+    plain = sample_noise([2, 4, 8, 8], "float32").numpy()
+    paddle.seed(3)
+    offset = sample_noise([2, 4, 8, 8], "float32", 0.1).numpy()
+    delta = offset - plain
+    assert np.abs(delta - delta[:, :, :1, :1]).max() < 1e-6  # constant over the image
+    assert np.abs(delta).max() > 1e-3 and len(np.unique(delta[:, :, 0, 0].round(6))) == 8  # differs per (image, channel)
+
+
+def test_bad_recipes_stop_at_startup(shapes, vae_dir, tmp_path):
+    res = run_script(ldm_args(shapes, vae_dir, tmp_path / "o", 1, ["--zero_terminal_snr"]), timeout=120)
+    assert res.returncode == 2 and "--zero_terminal_snr needs --prediction_type v_prediction" in res.stderr.strip().splitlines()[-1]
+    with pytest.raises(ValueError, match="epsilon or v_prediction"):
+        Recipe("sample").check()
+
+
+def test_full_recipe_trains_and_the_stock_pipeline_samples_it(shapes, vae_dir, tmp_path):
+    """Every option on, a few steps of the explicit loop (images logged too), then the exported
+    scheduler/ carries what sampling needs and the stock pipeline generates."""
+    from ppdiffusers import LDMTextToImagePipeline
+
+    out = tmp_path / "v"
+    args = ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--max_train_steps", "3", "--logging_steps", "1",
+            "--save_steps", "3", "--num_workers", "0", "--vae_name_or_path", str(vae_dir),
+            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+            "--file_list", shapes["file_list"], "--model_max_length", "16", "--tokenizer_name", shapes["tokenizer"],
+            "--resolution", "32", "--image_logging_steps", "3", "--num_inference_steps", "2",
+            "--prediction_type", "v_prediction", "--snr_gamma", "5", "--zero_terminal_snr", "--noise_offset", "0.1",
+            "--input_perturbation", "0.1"]
+    res = run_script(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.load(open(out / "scheduler" / "scheduler_config.json"))
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
+    assert config["timestep_spacing"] == "trailing"
+    pipe = LDMTextToImagePipeline.from_pretrained(str(out))
+    assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
+    latent = pipe.unet.config.sample_size
+    image = pipe(["a red circle on a blue background, in the middle"], height=latent * 8, width=latent * 8, num_inference_steps=3,
+                 generator=paddle.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_resolution_stages_continue_the_run_at_the_new_size(vae_dir, tmp_path, shapes):
+    """32 px for 2 steps, then the same command at 64 px to step 4: model, optimizer, EMA and
+    step continue, the data starts a new pass, the exported UNet samples at the new size."""
+    from ldm.sample_data import write_sample_dataset
+
+    file_list = write_sample_dataset(str(tmp_path / "data64"), num_parts=1, records_per_part=24, size=64, seed=2)
+    out = tmp_path / "stages"
+
+    def stage(resolution, steps):
+        args = ldm_args(shapes, vae_dir, out, steps, ["--save_steps", "2", "--image_logging_steps", "0", "--use_ema", "--ema_decay", "0.9"])
+        args[args.index("--file_list") + 1] = file_list
+        args[args.index("--resolution") + 1] = str(resolution)
+        res = run_script(args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout + res.stderr
+
+    stage(32, 2)
+    log = stage(64, 4)
+    assert "New resolution stage" in log and "trains at 64" in log
+    assert "Resuming from" in log and "checkpoint-2" in log
+    state = json.load(open(out / "checkpoint-4" / "trainer_state.json"))
+    assert state["global_step"] == 4
+    from safetensors.numpy import load_file
+
+    assert int(load_file(str(out / "checkpoint-4" / "ema.safetensors"))["__ema_num_updates__"][0]) == 4
+    assert json.load(open(out / "unet" / "config.json"))["sample_size"] == 64 // 4
+    assert json.load(open(out / "checkpoint-4" / "args.json"))["resolution"] == 64
