@@ -19,6 +19,7 @@ that cannot be read at all is counted once (with its path printed).
 """
 import argparse
 import base64
+import contextlib
 import csv
 import glob
 import io
@@ -297,9 +298,15 @@ def scan_parquet(path: str, image_column: Optional[str], caption_column: Optiona
     return source
 
 
-def resolve_sources(paths: Sequence[str], image_column: Optional[str], caption_column: Optional[str]) -> List[Source]:
-    """Recognise each SOURCE by what it is; raise ValueError with one line on anything unusable."""
-    sources: List[Source] = []
+def scan_shard(shard: tuple) -> Source:
+    kind, path, image_column, caption_column = shard
+    return scan_tar(path) if kind == "tar" else scan_parquet(path, image_column, caption_column)
+
+
+def resolve_sources(paths: Sequence[str], image_column: Optional[str], caption_column: Optional[str], pool=None) -> List[Source]:
+    """Recognise each SOURCE by what it is and scan it; raise ValueError with one line on anything unusable.
+    Tar headers and parquet metadata are scanned in `pool`'s processes when there is one."""
+    found: list = []  # Source, or a shard (kind, path, ...) still to scan
     for given in paths:
         path = os.path.abspath(given)
         if os.path.isdir(path):
@@ -310,24 +317,27 @@ def resolve_sources(paths: Sequence[str], image_column: Optional[str], caption_c
             # img2dataset's output folders: webdataset (.tar shards, plus metadata-only .parquet),
             # files (images with .txt/.json beside them), parquet (.parquet with the image bytes).
             if tars:
-                sources += [scan_tar(f) for f in tars]
+                found += [("tar", f, image_column, caption_column) for f in tars]
             elif images:
-                sources.append(scan_folder(path, files, caption_column))
+                found.append(scan_folder(path, files, caption_column))
             elif parquets:
-                sources += [scan_parquet(f, image_column, caption_column) for f in parquets]
+                found += [("parquet", f, image_column, caption_column) for f in parquets]
             else:
                 raise ValueError(f"{given}: a folder with no images ({', '.join(IMAGE_EXTENSIONS)}), .tar or .parquet files in it")
         elif os.path.isfile(path):
             if path.endswith((".tar", ".tar.gz", ".tgz")):
-                sources.append(scan_tar(path))
+                found.append(("tar", path, image_column, caption_column))
             elif _ext(path) == "parquet":
-                sources.append(scan_parquet(path, image_column, caption_column))
+                found.append(("parquet", path, image_column, caption_column))
             elif _ext(path) in ("csv", "tsv"):
-                sources.append(scan_table(path, image_column, caption_column))
+                found.append(scan_table(path, image_column, caption_column))
             else:
                 raise ValueError(f"{given}: not a folder, .tar, .parquet, .csv or .tsv")
         else:
             raise ValueError(f"{given}: no such file or folder")
+    shards = [f for f in found if isinstance(f, tuple)]
+    scanned = iter(pool.map(scan_shard, shards) if pool is not None and len(shards) > 1 else map(scan_shard, shards))
+    sources = [next(scanned) if isinstance(f, tuple) else f for f in found]
     seen = set()
     for s in sources:
         if s.path in seen:
@@ -587,14 +597,11 @@ def worker_pool(processes: int):
     return multiprocessing.get_context("spawn").Pool(processes, initializer=_ignore_sigint)
 
 
-def run_tasks(tasks: Sequence[PartTask], num_workers: int) -> Iterator[dict]:
-    """Write the parts, in worker processes when num_workers > 0; yield each part's counts."""
-    if num_workers <= 0 or len(tasks) <= 1:
-        for t in tasks:
-            yield write_part(t)
-        return
-    with worker_pool(min(num_workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(write_part, tasks)
+def run_tasks(tasks: Sequence[PartTask], pool=None) -> Iterator[dict]:
+    """Write the parts, in `pool`'s processes when there is one; yield each part's counts."""
+    if pool is None or len(tasks) <= 1:
+        return map(write_part, tasks)
+    return pool.imap_unordered(write_part, tasks)
 
 
 def parse_args(argv=None):
@@ -625,18 +632,27 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # One pool of worker processes scans the shards and writes the parts (0 workers: this process).
+    with worker_pool(args.num_workers) if args.num_workers > 0 else contextlib.nullcontext() as pool:
+        return prepare(args, pool)
+
+
+def prepare(args, pool) -> int:
     from tqdm import tqdm
 
     t0 = time.time()
     output_dir = os.path.abspath(args.output_dir)
     # Scan the sources and number their records:
     try:
-        sources = resolve_sources(args.sources, args.image_column, args.caption_column)
+        sources = resolve_sources(args.sources, args.image_column, args.caption_column, pool)
         os.makedirs(os.path.join(output_dir, "counts"), exist_ok=True)
         resumed = check_manifest(output_dir, manifest(sources, args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while reading the sources; nothing written", file=sys.stderr)
+        return 130
     kinds = Counter(s.kind for s in sources)
     total = sum(s.records for s in sources)
     print(f"sources: {', '.join(plural(n, KIND_NAMES[k]) for k, n in kinds.items())}; {total} input records", file=sys.stderr)
@@ -654,7 +670,7 @@ def main(argv=None) -> int:
     # Write the pending parts:
     bar = tqdm(total=sum(t.records for t in pending), unit="rec", desc="prepare", file=sys.stderr, dynamic_ncols=True)
     try:
-        for c in run_tasks(pending, args.num_workers):
+        for c in run_tasks(pending, pool):
             bar.update(c["records"])
     except KeyboardInterrupt:
         bar.close()
