@@ -38,7 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from isal import igzip
 from PIL import ExifTags, Image, ImageOps
 
-from ldm.data import MAX_PIXELS, to_rgb
+from ldm.data import MAX_PIXELS, looks_cut, to_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -114,12 +114,10 @@ def fit_image(data: bytes, min_side: int, max_side: int) -> Tuple[Optional[bytes
         return out.getvalue(), None
     except Image.DecompressionBombError:
         return None, "too_many_pixels"
-    except OSError as e:
-        if "truncated" in str(e).lower():  # "image file is truncated", "Truncated File Read"
-            return None, "truncated_image"
-        return None, "undecodable_image"
-    except Exception:  # Pillow raises many types for corrupt data; all mean "undecodable"
-        return None, "undecodable_image"
+    except Exception as e:  # Pillow raises many types for corrupt data
+        # looks_cut knows "image file is truncated" and cut WebP; a JPEG cut inside its header says "Truncated File Read".
+        cut = looks_cut(data, e) or "truncated" in str(e).lower()
+        return None, "truncated_image" if cut else "undecodable_image"
 
 
 def record_line(caption, data: Optional[bytes], min_side: int, max_side: int) -> Tuple[Optional[str], Optional[str]]:

@@ -25,9 +25,9 @@ from collections import Counter
 from typing import List, Optional
 
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageOps
 
-from ldm.data import SKIP_REASONS, SkipCounter, iter_unit_lines, load_image, make_units, parse_line, read_file_list
+from ldm.data import SKIP_REASONS, SkipCounter, iter_unit_lines, load_image, make_units, parse_line, read_file_list, to_rgb
 from ldm.prepare import default_workers, worker_pool
 
 THUMB_SIDE = 192  # longer side of a sample thumbnail, pixels
@@ -65,23 +65,23 @@ class TokenCounter:
         return [len(e.ids) for e in self.tokenizer.encode_batch(captions)]
 
 
-def thumbnail(data: bytes) -> bytes:
-    from PIL import ImageOps
-
-    from ldm.data import to_rgb
-
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))
-    image = to_rgb(image)
-    image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=85)
-    return out.getvalue()
+def thumbnail(data: bytes) -> Optional[bytes]:
+    """A small upright JPEG of a record training accepted; None in the unlikely case it fails (one sample fewer)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))
+        image = to_rgb(ImageOps.exif_transpose(image))
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=85)
+        return out.getvalue()
+    except Exception:
+        return None
 
 
 def analyse_unit(task) -> dict:
     """Read one unit (a part, or a line-stride slice of one): per-record arrays in line order."""
-    unit, resolution, limit, num_samples, tokenizer_dir = task
+    unit, resolution, max_aspect_ratio, limit, num_samples, tokenizer_dir = task
     skips = SkipCounter()  # part-level: missing, truncated, ... parts
     reasons, words, sides, captions = [], [], [], []
     candidates = []  # heap of (-priority, record index, line, caption, image bytes): the num_samples lowest priorities
@@ -92,7 +92,7 @@ def analyse_unit(task) -> dict:
         size = None
         if reason is None:
             size = header_size(data)
-            _, reason = load_image(data, resolution)
+            _, reason = load_image(data, resolution, max_aspect_ratio)
         reasons.append(reason)
         words.append(len(caption.split()) if caption is not None else -1)
         sides.append(size or (-1, -1))
@@ -107,13 +107,14 @@ def analyse_unit(task) -> dict:
     tokens = TokenCounter(tokenizer_dir)(captions) if tokenizer_dir and captions else []
     tokens = [t if w >= 0 else -1 for t, w in zip(tokens, words)]
     samples = [{"priority": -c[0], "index": c[1], "part": unit.part, "line": c[2], "caption": c[3], "thumb": thumbnail(c[4])} for c in candidates]
+    samples = [s for s in samples if s["thumb"] is not None]
     return {"reasons": reasons, "words": words, "tokens": tokens, "sides": sides, "part_skips": dict(skips), "samples": samples}
 
 
 def gather(units, args) -> dict:
     """Run analyse_unit over the units (in worker processes), in unit order, up to --max_records."""
     limit = args.max_records or sys.maxsize
-    tasks = [(u, args.resolution, limit, args.num_samples, args.tokenizer) for u in units]
+    tasks = [(u, args.resolution, args.max_aspect_ratio, limit, args.num_samples, args.tokenizer) for u in units]
     total = {"reasons": [], "words": [], "tokens": [], "sides": [], "part_skips": Counter(), "samples": []}
 
     def take(result):
@@ -196,6 +197,10 @@ def plot_histograms(stats, args, out_dir) -> List[str]:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ratios = np.clip(stats["aspect"], 1 / 4, 4)
         ax.hist(ratios, bins=np.geomspace(1 / 4, 4, 49), color="#8172b3")
+        if args.max_aspect_ratio:
+            for r in (1 / args.max_aspect_ratio, args.max_aspect_ratio):
+                ax.axvline(r, color="#c44e52", linestyle="--", label=f"--max_aspect_ratio {args.max_aspect_ratio:g}" if r > 1 else None)
+            ax.legend()
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks([0.25, 0.5, 0.75, 1, 4 / 3, 2, 4], ["1:4", "1:2", "3:4", "1:1", "4:3", "2:1", "4:1"])
@@ -253,7 +258,7 @@ figcaption{{font-size:12px}} .plots img{{margin:4px}}</style></head><body>
 <h1>Data report</h1>
 <p><code>{html.escape(args.file_list)}</code>: {summary['records']} records read{' (stopped at --max_records)' if args.max_records and summary['records'] >= args.max_records else ''};
 <b>{summary['usable']}</b> usable at --resolution {args.resolution}.</p>
-<h2>Skipped at --resolution {args.resolution}</h2><table><tr><th>reason</th><th>records</th></tr>{rows}</table>
+<h2>Skipped at --resolution {args.resolution}{f' --max_aspect_ratio {args.max_aspect_ratio:g}' if args.max_aspect_ratio else ''}</h2><table><tr><th>reason</th><th>records</th></tr>{rows}</table>
 <h2>Distributions</h2><table><tr><th></th><th>min</th><th>5%</th><th>median</th><th>95%</th><th>max</th></tr>{dists}</table>{over}
 <div class="plots">{''.join(f'<img src="{p}">' for p in pngs)}</div>
 <h2>Samples ({len(samples)} usable records, picked by a hash of part and line)</h2><div class="grid">{''.join(cells)}</div>
@@ -270,6 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--file_list", required=True, metavar="F", help="The file list list to look at (as given to training).")
     p.add_argument("--output_dir", required=True, metavar="DIR", help="Where index.html, the histogram PNGs and samples/ go.")
     p.add_argument("--resolution", type=int, metavar="PX", default=256, help="Training image side, pixels: records training would skip at it are counted by reason.")
+    p.add_argument("--max_aspect_ratio", type=float, default=None, metavar="R",
+                   help="As in training: records whose longer side is over R times the shorter are counted as skipped (extreme_aspect_ratio).")
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="A tokenizer directory with a BERT vocab.txt (as python -m ldm.tokenizer writes): adds a token-count histogram.")
     p.add_argument("--model_max_length", type=int, metavar="N", default=77, help="Tokens per caption in training: captions longer than this are counted (they get truncated).")
     p.add_argument("--max_records", type=int, metavar="N", default=0, help="Stop after this many records (lines), in part order; 0 reads everything.")

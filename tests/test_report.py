@@ -61,3 +61,5 @@ def test_parallel_reading_gives_the_same_report_and_max_records_stops(tmp_path, 
     assert one == three
     capped, _ = run("--num_workers", "0", "--max_records", "7")
     assert capped["records"] == 7 and capped["usable"] == 6 and capped["skipped"] == {"too_small": 1}
+    elongated, _ = run("--num_workers", "0", "--max_aspect_ratio", "1.5")  # the 64x32 images, as training would skip them
+    assert elongated["usable"] == 6 and elongated["skipped"]["extreme_aspect_ratio"] == 5
