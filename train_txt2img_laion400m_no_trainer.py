@@ -24,7 +24,7 @@ from ldm.logger import RunLogger
 from ldm.model import create_model, decay_parameter_names
 from ldm.runtime import (StepAgreement, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup,
                          preserved_rng, require_writable_dir, seed_rank_streams, set_cpu_threads)
-from ldm.validation import fixed_log_batch
+from ldm.validation import Validator, fixed_log_batch
 
 
 def main():
@@ -49,8 +49,14 @@ def main():
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, args.train_batch_size, args.gradient_accumulation_steps, world_size, args.num_workers, threads, stream)
-    log_batch = fixed_log_batch(data_args.file_list, data_args.resolution, 8, model.tokenizer, model.tokenizer.model_max_length,
-                                data_args.validation_prompts, args.seed) if args.image_logging_steps > 0 and rank == 0 else None
+    # Fixed inputs for the logged samples and the validation loss (rank 0 logs them):
+    log_batch = fixed_log_batch(data_args.eval_file_list or data_args.file_list, data_args.resolution, 8, model.tokenizer,
+                                model.tokenizer.model_max_length, data_args.validation_prompts, args.seed) if args.image_logging_steps > 0 and rank == 0 else None
+    try:
+        validator = Validator(model, data_args.eval_file_list, data_args.eval_records, data_args.resolution, args.train_batch_size,
+                              args.seed) if data_args.eval_file_list and rank == 0 else None
+    except ValueError as e:
+        exit_on_bad_input(e)
 
     # Optimizer and learning-rate schedule, as the Trainer makes them: biases and norms are not
     # decayed; the schedule advances once per optimizer step the loss scaler did not skip.
@@ -153,6 +159,11 @@ def main():
             # The exported weights (EMA with --use_ema), fixed inputs and noise, training RNG untouched.
             with preserved_rng(), maybe_applied(ema):
                 vdl.images(model.log_images(log_batch, model_args.num_inference_steps), step)
+        if validator is not None and step % (args.eval_steps or args.logging_steps) == 0:
+            with maybe_applied(ema):
+                losses = validator.losses()
+            vdl.scalars(losses, step)
+            logger.info(f"step {step}: validation loss {losses['validation/loss']:.5f}")
         if step % args.save_steps == 0 or step == args.max_train_steps or verdict.preempt:
             try:
                 save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),

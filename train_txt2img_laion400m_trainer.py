@@ -11,7 +11,7 @@ from ldm.model import create_model
 from ldm.runtime import (checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir,
                          set_cpu_threads)
 from ldm.trainer import StreamTrainer
-from ldm.validation import fixed_log_batch
+from ldm.validation import Validator, fixed_log_batch
 
 
 def main():
@@ -33,8 +33,15 @@ def main():
         exit_on_bad_input(e)
     log_startup(model, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
                 training_args.world_size, training_args.dataloader_num_workers, threads, stream)
-    log_batch = fixed_log_batch(data_args.file_list, data_args.resolution, 8, model.tokenizer, model.tokenizer.model_max_length,
-                                data_args.validation_prompts, training_args.seed) if training_args.image_logging_steps > 0 else None
+    # Fixed inputs for the logged samples and the validation loss (rank 0 logs them):
+    rank0 = training_args.process_index <= 0
+    log_batch = fixed_log_batch(data_args.eval_file_list or data_args.file_list, data_args.resolution, 8, model.tokenizer,
+                                model.tokenizer.model_max_length, data_args.validation_prompts, training_args.seed) if training_args.image_logging_steps > 0 and rank0 else None
+    try:
+        validator = Validator(model, data_args.eval_file_list, data_args.eval_records, data_args.resolution,
+                              training_args.per_device_train_batch_size, training_args.seed) if data_args.eval_file_list and rank0 else None
+    except ValueError as e:
+        exit_on_bad_input(e)
 
     # Train (re-running the same command continues from the newest checkpoint):
     try:
@@ -42,7 +49,7 @@ def main():
         trainer = StreamTrainer(
             model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
             image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
-            run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **training_args.to_dict()}, log_batch=log_batch,
+            run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **training_args.to_dict()}, log_batch=log_batch, validator=validator,
         )
     except ValueError as e:
         exit_on_bad_input(e)

@@ -88,9 +88,14 @@ class DataArguments:
         metadata={"help": "File listing filelists (one path, optional sampling weight, per line); each filelist lists gzipped parts."},
     )
     resolution: int = field(default=256, metadata={"help": "Training image side in pixels: shorter side resized to it, then centre-cropped; smaller images are skipped."})
+    eval_file_list: Optional[str] = field(
+        default=None,
+        metadata={"help": "A file list of held-out data for the validation loss (validation/loss and its timestep quartiles in VisualDL), every --eval_steps steps (default: --logging_steps)."},
+    )
+    eval_records: int = field(default=256, metadata={"help": "How many of --eval_file_list's first records the validation loss uses (encoded once, fixed noise and timesteps)."})
     validation_prompts: Optional[List[str]] = field(
         default=None,
-        metadata={"help": "Prompts of the samples logged at --image_logging_steps (always the same prompts and noise, so a cell compares across steps); default: the captions of the stream's first records."},
+        metadata={"help": "Prompts of the samples logged at --image_logging_steps (always the same prompts and noise, so a cell compares across steps); default: the captions of the first records of --eval_file_list, else of --file_list."},
     )
     shuffle_buffer: int = field(default=1000, metadata={"help": "Lines each data worker reads and permutes together before decoding."})
     parts_per_window: int = field(
@@ -167,4 +172,5 @@ class LoopArguments:
 
     def __post_init__(self):
         require_positive(self, "train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "max_train_steps")
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Validation loss every this many optimizer steps, with --eval_file_list; default --logging_steps."})
     ignore_data_skip: bool = field(default=False, metadata={"help": "On resume, restart the data stream from the start of a pass (model, optimizer and step are still restored)."})

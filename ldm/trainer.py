@@ -48,7 +48,7 @@ class StreamTrainer(Trainer):
     """Trainer for any model here whose forward(**batch) returns the loss and has log_images(batch, steps)."""
 
     def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, resume_from: Optional[str] = None,
-                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, **kwargs):
+                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, validator=None, **kwargs):
         super().__init__(*args, **kwargs)  # (calls paddlenlp's set_seed(--seed): the same on every rank)
         rank = max(0, dist.get_rank())
         seed_rank_streams(self.args.seed, rank)
@@ -56,6 +56,8 @@ class StreamTrainer(Trainer):
         self.num_inference_steps = num_inference_steps
         self.run_args = run_args or {}
         self.log_batch = log_batch  # fixed images and prompts for the logged reconstructions and samples
+        self.validator = validator  # ldm.validation.Validator on rank 0 with --eval_file_list, else None
+        self.eval_every = self.args.eval_steps or self.args.logging_steps
         self._image_writer = None
         # Resume the data stream from the checkpoint's saved position, not by replaying
         # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
@@ -75,6 +77,7 @@ class StreamTrainer(Trainer):
         self._ema_step = None  # the last step the EMA took in
         self._saved_at = None  # the last step checkpointed
         self._logged_images_at = None
+        self._validated_at = None
         # EMA of the trained weights, updated right after each optimizer step (_maybe_log_save_evaluate).
         self.ema = EMA(self.model, self.args.ema_decay) if getattr(self.args, "use_ema", False) else None
         if self.ema is not None and resume_from and os.path.isfile(os.path.join(resume_from, "ema.safetensors")):
@@ -146,6 +149,21 @@ class StreamTrainer(Trainer):
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
         if self.image_logging_steps > 0 and step % self.image_logging_steps == 0 and self._logged_images_at != step:
             self.log_images(step)
+        if self.validator is not None and step % self.eval_every == 0 and self._validated_at != step:
+            self.validate(step)
+
+    def validate(self, step: int) -> None:
+        """The fixed validation loss (ldm.validation.Validator), from the exported weights, to VisualDL."""
+        self._validated_at = step
+        with maybe_applied(self.ema):
+            losses = self.validator.losses()
+        self._writer().scalars(losses, step)
+        logger.info(f"step {step}: validation loss {losses['validation/loss']:.5f}")
+
+    def _writer(self) -> RunLogger:
+        if self._image_writer is None:
+            self._image_writer = RunLogger(self.args.logging_dir, file_name="vdlrecords.ldm.log")
+        return self._image_writer
 
     def log_images(self, step: int) -> None:
         """The model's `log_images` (reconstructions, samples) for the fixed log batch, to VisualDL,
@@ -153,11 +171,9 @@ class StreamTrainer(Trainer):
         self._logged_images_at = step
         if not self.is_world_process_zero() or self.log_batch is None:
             return
-        if self._image_writer is None:
-            self._image_writer = RunLogger(self.args.logging_dir, file_name="vdlrecords.images.log")
         with preserved_rng(), maybe_applied(self.ema):
             images = _unwrap(self.model).log_images(self.log_batch, self.num_inference_steps)
-        self._image_writer.images(images, step)
+        self._writer().images(images, step)
         logger.info(f"step {step}: logged reconstructions and samples to {self.args.logging_dir}")
 
     def _save_checkpoint(self, model, metrics=None):

@@ -43,7 +43,7 @@ def test_stage1_writes_a_loadable_autoencoder_with_measured_scale(vae_dir):
 @pytest.fixture(scope="module")
 def ldm_run(shapes, vae_dir):
     out = shapes["root"] / "ldm"
-    res = run_script(ldm_args(shapes, vae_dir, out, 8))
+    res = run_script(ldm_args(shapes, vae_dir, out, 8, ["--eval_file_list", shapes["file_list"], "--eval_records", "8", "--eval_steps", "4"]))
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
@@ -56,6 +56,9 @@ def test_stage2_checkpoints_logs_and_pipeline(ldm_run):
     assert any("images_per_second" in t for t in tags), tags
     assert any("learning_rate" in t for t in tags), tags
     assert any(t.startswith("ddim-samples-7.5") for t in tags) and any(t.startswith("reconstruction") for t in tags)
+    # The fixed validation loss, overall and per timestep quartile, at steps 4 and 8.
+    for tag in ("validation/loss", "validation/loss_q1", "validation/loss_q2", "validation/loss_q3", "validation/loss_q4"):
+        assert tags.get(tag) == 2, (tag, tags)
     # DDIM as CompVis and the reference sample it: the last step lands on t=1.
     assert json.load(open(out / "scheduler" / "scheduler_config.json"))["steps_offset"] == 1
     # Checkpoints say how to rebuild the model (generate.py reads this).
@@ -114,3 +117,23 @@ def test_resumed_run_reads_exactly_the_records_of_an_uninterrupted_one(shapes, v
     a = json.load(open(straight / "checkpoint-8" / "data_position_rank0.json"))
     b = json.load(open(split / "checkpoint-8" / "data_position_rank0.json"))
     assert a == b and a["batches"] == 8 and len(a["workers"]) == 2
+
+
+def test_validation_loss_is_fixed_and_leaves_the_rng_alone(shapes, vae_dir):
+    import paddle
+
+    from ldm.model import LatentDiffusionModel
+    from ldm.validation import Validator
+
+    model = LatentDiffusionModel.from_scratch(str(vae_dir), "config/tiny/ldmbert.json", "config/tiny/unet.json", shapes["tokenizer"], 16, seed=0)
+    validator = Validator(model, shapes["file_list"], 8, 32, 3)
+    assert validator.timesteps.numpy().tolist() == [62, 187, 312, 437, 562, 687, 812, 937]
+    paddle.seed(5)
+    before = paddle.randn([4]).numpy()
+    paddle.seed(5)
+    first = validator.losses()
+    second = validator.losses()
+    after = paddle.randn([4]).numpy()
+    assert first == second and np.isfinite(list(first.values())).all()
+    assert sorted(first) == ["validation/loss"] + [f"validation/loss_q{q}" for q in (1, 2, 3, 4)]
+    assert np.array_equal(before, after), "validation drew from the training RNG"
