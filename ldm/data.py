@@ -22,7 +22,7 @@ the position in it is a few integers that checkpoints save (exact resume).
 
 Bad data never stops the stream: each skipped record or part is counted by reason
 (SKIP_REASONS), and the first of each reason is logged with its part, line and why.
-A shard that reads a whole pass without one usable record cannot make progress; it then
+A shard whose passes hold no usable record (BARREN_UNITS) cannot make progress; it then
 yields sentinel samples (`data_error` 1) that tell every rank's training loop to stop
 with one line naming the skips (StreamProgress.fatal), instead of spinning silently.
 """
@@ -70,6 +70,10 @@ SKIP_REASONS = (
 PARTS_PER_WINDOW = 4
 # A shard that has skipped this many records without yielding one says so (early hint).
 EARLY_WARNING_SKIPS = 1000
+# A filelist is barren for a shard once this many of its units (or all, if it has fewer) were
+# read in whole passes without one usable record. Passes reshuffle the units, so one bad part
+# (say, a shard's only unit of a small dataset) never stops a run; 32 bad in a row is no luck.
+BARREN_UNITS = 32
 
 
 def log(message: str) -> None:
@@ -407,6 +411,10 @@ class ShardStream:
     lines at a time, and each window is permuted before it is yielded, so the stream's position
     is four small integers per filelist (see CURSOR_FIELDS) and resuming re-reads at most one
     window per filelist. `passes` (default: endless) stops each filelist after that many passes.
+
+    The consumer calls `used(list_index)` for each record it could use; a filelist whose passes
+    yield none is then marked barren (see BARREN_UNITS), and `barren` holding every filelist
+    means the shard can never yield a usable record.
     """
 
     def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, window: int, state: Optional[np.ndarray] = None,
@@ -419,7 +427,9 @@ class ShardStream:
         self.parts_per_window = max(1, parts_per_window)
         self.passes = passes
         self.skips = SkipCounter()
-        self.ended = set()  # filelists whose stream ended: a whole pass without one line
+        self.barren = set()  # filelists without a usable record for this shard (see BARREN_UNITS)
+        self._used = [False] * len(entries)  # a record of the filelist's current pass was usable
+        self._idle = [set() for _ in entries]  # units read in whole passes since the filelist's last usable record
         self.units = [make_units(e.parts, num_shards) for e in entries]
         weights = np.array([e.weight for e in entries], dtype=np.float64)
         self.cum_weights = np.cumsum(weights / weights.sum())
@@ -430,6 +440,25 @@ class ShardStream:
 
     def cursor(self, list_index: int) -> np.ndarray:
         return self.state[1 + CURSOR_FIELDS * list_index : 1 + CURSOR_FIELDS * (list_index + 1)]
+
+    def used(self, list_index: int) -> None:
+        """The consumer could use a record of this filelist (called before it asks for the next)."""
+        self._used[list_index] = True
+
+    def _end_pass(self, list_index: int, units: List[Unit], whole: bool) -> None:
+        """Barren bookkeeping at the end of a pass (`whole`: read from its start)."""
+        idle = self._idle[list_index]
+        if self._used[list_index]:
+            idle.clear()
+            self.barren.discard(list_index)
+        elif whole:
+            idle.update(units)
+            if len(idle) >= min(BARREN_UNITS, len(self.units[list_index])) and list_index not in self.barren:
+                self.barren.add(list_index)
+                if len(self.barren) < len(self.entries):
+                    log(f"{self.skips.where}: no usable record in {len(idle)} units of filelist {self.entries[list_index].path} "
+                        f"(the other filelists go on); skips so far: {format_skips(self.skips)}")
+        self._used[list_index] = False
 
     def list_stream(self, list_index: int) -> Iterator[RawRecord]:
         """One filelist's endless stream for this shard, starting at its saved cursor."""
@@ -450,11 +479,11 @@ class ShardStream:
                         yield RawRecord(part, line_no, raw, pass_index, list_index)
                     cursor[2:] = (w + 1, 0)
                 cursor[1:] = (g + 1, 0, 0)
+            self._end_pass(list_index, units, whole=not resumed_midway)
             if self.passes is not None and pass_index + 1 >= self.passes:
                 return
-            if not got_any and not resumed_midway:
-                self.ended.add(list_index)
-                return  # a whole pass without one line for this shard: end it, never spin
+            if not got_any and list_index in self.barren:
+                return  # no line left to read for this shard: end it, never spin
             cursor[:] = (pass_index + 1, 0, 0, 0)
 
     def __iter__(self) -> Iterator[RawRecord]:
@@ -562,28 +591,14 @@ class TextImageStream:
     def records(self, stream: ShardStream) -> Iterator[dict]:
         """Decoded records of one shard: dicts with part, line, caption and image.
 
-        Ends when the shard is barren: every filelist has read a whole pass (from its start)
-        without one usable record, or has no line left. The stream is otherwise endless, and
-        skipped lines must not count as progress, or a shard whose every record is skipped
-        (e.g. every image smaller than --resolution) would spin forever without a word.
+        Ends when the shard is barren (ShardStream.barren holds every filelist). The stream is
+        otherwise endless, and skipped lines must not count as progress, or a shard whose every
+        record is skipped (e.g. every image smaller than --resolution) would spin without a word.
         """
-        lists = range(len(self.entries))
-        # Per filelist: the pass being read, whether it yielded, the first pass read from its start.
-        current = {i: int(stream.cursor(i)[0]) for i in lists}
-        yielded = {i: False for i in lists}
-        whole_from = {i: int(stream.cursor(i)[0]) + int(stream.cursor(i)[1:].any()) for i in lists}
-        barren, skipped, any_yield = set(), 0, False
+        skipped, any_yield = 0, False
         for rec in stream:
-            i = rec.list_index
-            if rec.pass_index != current[i]:
-                if not yielded[i] and current[i] >= whole_from[i]:
-                    if barren | stream.ended | {i} >= set(lists):
-                        return
-                    if i not in barren:
-                        log(f"{stream.skips.where}: a whole pass of filelist {self.entries[i].path} without one usable record "
-                            f"(the other filelists go on); skips so far: {format_skips(stream.skips)}")
-                    barren.add(i)
-                current[i], yielded[i] = rec.pass_index, False
+            if len(stream.barren) == len(self.entries):
+                return
             try:
                 caption, data, reason = parse_line(rec.raw)
                 if reason is not None:
@@ -594,10 +609,10 @@ class TextImageStream:
                 skipped += 1
                 if skipped == EARLY_WARNING_SKIPS and not any_yield:
                     log(f"{stream.skips.where}: no usable record among the first {skipped} read: {explain_barren(stream.skips, self.resolution)}; "
-                        "the run stops if a whole pass yields none")
+                        "the run stops if its passes yield none")
                 continue
-            yielded[i], any_yield = True, True
-            barren.discard(i)
+            stream.used(rec.list_index)
+            any_yield = True
             yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, "pixel_values": pixels}
 
     def __iter__(self):
@@ -654,8 +669,10 @@ class StreamProgress:
             # Within a batch and across batches a worker's position only grows; keep the last.
             self.workers[int(worker[i])] = {"position": position[i].tolist(), "skips": skips[i].tolist()}
             if error[i] and self.fatal is None:
-                self.fatal = (f"data worker {int(worker[i])} of rank {max(0, current_rank_and_world()[0])} read a whole pass of its "
-                              f"shard of --file_list and {explain_barren(skips_from_vector(skips[i]), self.resolution)}")
+                # A sentinel's pixels are resolution x resolution, which names the flag in the message.
+                resolution = self.resolution or int(batch["pixel_values"].shape[-1])
+                self.fatal = (f"nothing to train on: data worker {int(worker[i])} of rank {max(0, current_rank_and_world()[0])} found no usable "
+                              f"record in its share of --file_list: {explain_barren(skips_from_vector(skips[i]), resolution)}")
 
     def state_dict(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,

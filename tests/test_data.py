@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_b64, make_parts, run_script, write_lists, write_part
+from conftest import jpeg_b64, ldm_args, make_parts, run_script, write_lists, write_part
 from ldm import data
 
 
@@ -330,7 +330,7 @@ def test_a_pass_with_every_record_skipped_stops_the_run(tmp_path, shapes):
     parts = make_parts(tmp_path, 3, 30, size=(40, 36))
     stream = data.TextImageStream(write_lists(tmp_path, parts), 64, tokenizer, 16, seed=0, rank=0, world_size=1, buffer_size=8)
     start = time.time()
-    progress = data.StreamProgress(1, 0, resolution=64)
+    progress = data.StreamProgress(1, 0)
     for batch in collated(stream, 3):
         assert batch["pixel_values"].shape == [4, 3, 64, 64] and batch["input_ids"].shape == [4, 16]
         progress.update(batch)
@@ -359,6 +359,31 @@ def test_one_barren_filelist_does_not_stop_the_others(tmp_path):
     samples = [s for _, s in zip(range(40), stream)]  # 8 passes of the good filelist
     assert all(s["data_error"] == 0 for s in samples)
     assert samples[-1]["skips"][data.SKIP_REASONS.index("too_small")] >= 20
+
+
+def test_one_bad_part_never_stops_a_shard_that_reads_one_part_a_pass(tmp_path):
+    """4 parts over 4 shards: each pass a shard may get only the bad part, but later passes bring good ones."""
+    parts = make_parts(tmp_path, 3, 4)
+    bad = tmp_path / "part-00003.gz"
+    bad.write_text("plain text, not gzip\n")
+    stream = data.TextImageStream(write_lists(tmp_path, parts + [str(bad)]), 32, seed=0, rank=0, world_size=1, buffer_size=4)
+    for worker in range(4):
+        shard = stream.shard_stream(worker, 4)
+        got = [rec for _, rec in zip(range(30), stream.records(shard))]
+        assert len(got) == 30 and not shard.barren
+        assert shard.skips["not_gzip"] > 0, "the bad part came up at least once"
+
+
+def test_parts_that_cannot_be_read_at_all_stop_the_run_with_their_reason(tmp_path):
+    parts = []
+    for p in range(3):
+        path = tmp_path / f"part-{p:05d}.gz"
+        path.write_text("a part saved as plain text\n")
+        parts.append(str(path))
+    stream = data.TextImageStream(write_lists(tmp_path, parts), 32, seed=0, rank=0, world_size=1)
+    sample = next(iter(stream))
+    assert sample["data_error"] == 1
+    assert "likely cause: its parts named .gz are not gzip files" in data.explain_barren(data.skips_from_vector(sample["skips"]))
 
 
 def test_early_hint_when_the_first_records_are_all_skipped(tmp_path, monkeypatch, capsys):
@@ -437,3 +462,22 @@ def test_tokenizer_learns_subwords_from_the_caption_column_only(tmp_path):
     assert encoder.fast is not None
     for caption in captions[:50] + ["Sunflowers in the GARDEN, painting!", "naïve café 中文"]:
         assert encoder(caption).tolist() == list(encoder.slow_ids(caption))
+
+
+@pytest.mark.parametrize("script", ["trainer", "no_trainer"])
+def test_training_on_data_with_nothing_usable_stops_with_the_reason(shapes, vae_dir, tmp_path, script):
+    """The built-in 40 px sample images at --resolution 64: every record is skipped. The run must
+    stop (exit 1) within seconds with one line naming the skips and the cause, never spin."""
+    args = ldm_args(shapes, vae_dir, tmp_path / "out", 10, ["--resolution", "64", "--image_logging_steps", "0"])
+    if script == "no_trainer":
+        args = ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(tmp_path / "out"), "--train_batch_size", "4",
+                "--max_train_steps", "10", "--num_workers", "1", "--vae_name_or_path", str(vae_dir), "--file_list", shapes["file_list"],
+                "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+                "--tokenizer_name", shapes["tokenizer"], "--model_max_length", "16", "--resolution", "64", "--image_logging_steps", "0"]
+    start = time.time()
+    res = run_script(args, timeout=180)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert time.time() - start < 90
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert errors[0].startswith("error: nothing to train on") and "too_small: 128" in errors[0] and "smaller than --resolution 64" in errors[0]
