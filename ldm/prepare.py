@@ -19,7 +19,6 @@ that cannot be read at all is counted once (with its path printed).
 """
 import argparse
 import base64
-import contextlib
 import csv
 import glob
 import io
@@ -301,9 +300,9 @@ def scan_shard(shard: tuple) -> Source:
     return scan_tar(path) if kind == "tar" else scan_parquet(path, image_column, caption_column)
 
 
-def resolve_sources(paths: Sequence[str], image_column: Optional[str], caption_column: Optional[str], pool=None) -> List[Source]:
+def resolve_sources(paths: Sequence[str], image_column: Optional[str], caption_column: Optional[str], workers: Optional["Workers"] = None) -> List[Source]:
     """Recognise each SOURCE by what it is and scan it; raise ValueError with one line on anything unusable.
-    Tar headers and parquet metadata are scanned in `pool`'s processes when there is one."""
+    Tar headers and parquet metadata of many shards are scanned by the worker processes."""
     found: list = []  # Source, or a shard (kind, path, ...) still to scan
     for given in paths:
         path = os.path.abspath(given)
@@ -334,7 +333,8 @@ def resolve_sources(paths: Sequence[str], image_column: Optional[str], caption_c
         else:
             raise ValueError(f"{given}: no such file or folder")
     shards = [f for f in found if isinstance(f, tuple)]
-    scanned = iter(pool.map(scan_shard, shards) if pool is not None and len(shards) > 1 else map(scan_shard, shards))
+    # A shard's scan takes well under a second (~20 us a tar member): worker start-up pays off only for many.
+    scanned = (workers or Workers(0)).map(scan_shard, shards, min_items=8)
     sources = [next(scanned) if isinstance(f, tuple) else f for f in found]
     seen = set()
     for s in sources:
@@ -589,17 +589,30 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def worker_pool(processes: int):
-    """Worker processes that leave Ctrl-C to the parent (which then stops them all, quietly).
-    spawn, not fork: the parent may hold pyarrow's thread pools, which a fork can deadlock."""
-    return multiprocessing.get_context("spawn").Pool(processes, initializer=_ignore_sigint)
+class Workers:
+    """Worker processes for `map`, started on first use: a job with one shard or one part never
+    pays their start-up. They leave Ctrl-C to the parent, which stops them all on leaving the
+    with-block. spawn, not fork: the parent may hold pyarrow's thread pools, which a fork can deadlock."""
 
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.pool = None
 
-def run_tasks(tasks: Sequence[PartTask], pool=None) -> Iterator[dict]:
-    """Write the parts, in `pool`'s processes when there is one; yield each part's counts."""
-    if pool is None or len(tasks) <= 1:
-        return map(write_part, tasks)
-    return pool.imap_unordered(write_part, tasks)
+    def map(self, fn, items: Sequence, ordered: bool = True, min_items: int = 2) -> Iterator:
+        """fn over items, in item order (or as finished); in this process with 0 workers or fewer than min_items."""
+        if self.processes <= 0 or len(items) < min_items:
+            return map(fn, items)
+        if self.pool is None:
+            self.pool = multiprocessing.get_context("spawn").Pool(self.processes, initializer=_ignore_sigint)
+        return self.pool.imap(fn, items) if ordered else self.pool.imap_unordered(fn, items)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
 
 
 def parse_args(argv=None):
@@ -630,19 +643,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # One pool of worker processes scans the shards and writes the parts (0 workers: this process).
-    with worker_pool(args.num_workers) if args.num_workers > 0 else contextlib.nullcontext() as pool:
-        return prepare(args, pool)
+    # The same worker processes scan the shards and write the parts (0 workers: this process).
+    with Workers(args.num_workers) as workers:
+        return prepare(args, workers)
 
 
-def prepare(args, pool) -> int:
+def prepare(args, workers: Workers) -> int:
     from tqdm import tqdm
 
     t0 = time.time()
     output_dir = os.path.abspath(args.output_dir)
     # Scan the sources and number their records:
     try:
-        sources = resolve_sources(args.sources, args.image_column, args.caption_column, pool)
+        sources = resolve_sources(args.sources, args.image_column, args.caption_column, workers)
         os.makedirs(os.path.join(output_dir, "counts"), exist_ok=True)
         resumed = check_manifest(output_dir, manifest(sources, args))
     except (ValueError, OSError) as e:
@@ -668,7 +681,7 @@ def prepare(args, pool) -> int:
     # Write the pending parts:
     bar = tqdm(total=sum(t.records for t in pending), unit="rec", desc="prepare", file=sys.stderr, dynamic_ncols=True)
     try:
-        for c in run_tasks(pending, pool):
+        for c in workers.map(write_part, pending, ordered=False):
             bar.update(c["records"])
     except KeyboardInterrupt:
         bar.close()

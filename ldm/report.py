@@ -28,7 +28,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ldm.data import SKIP_REASONS, SkipCounter, iter_unit_lines, load_image, make_units, parse_line, read_file_list, to_rgb
-from ldm.prepare import default_workers, worker_pool
+from ldm.prepare import Workers, default_workers
 
 THUMB_SIDE = 192  # longer side of a sample thumbnail, pixels
 
@@ -128,17 +128,11 @@ def gather(units, args) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="part", desc="report", file=sys.stderr, dynamic_ncols=True)
-    if args.num_workers <= 0 or len(tasks) == 1:
-        for t in tasks:
+    with Workers(args.num_workers) as workers:
+        for result in workers.map(analyse_unit, tasks):  # in unit order, so --max_records cuts the same records every run
             bar.update()
-            if take(analyse_unit(t)):
-                break
-    else:
-        with worker_pool(min(args.num_workers, len(tasks))) as pool:
-            for result in pool.imap(analyse_unit, tasks):  # in unit order, so --max_records cuts the same records every run
-                bar.update()
-                if take(result):
-                    break  # leaving the with-block terminates the workers still reading
+            if take(result):
+                break  # leaving the with-block stops the workers still reading
     bar.close()
     total["samples"] = sorted(total["samples"], key=lambda s: s["priority"])[: args.num_samples]
     return total

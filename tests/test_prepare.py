@@ -233,17 +233,20 @@ def test_cli_mixes_sources_with_worker_processes(tmp_path):
 
 
 def test_img2dataset_output_folders_are_recognised(tmp_path, capsys):
-    """A webdataset output folder holds .tar shards and metadata-only .parquet: the shards are read."""
+    """A webdataset output folder holds .tar shards and metadata-only .parquet: the shards are
+    read (8 of them: scanned by the worker processes too)."""
     out_dir = tmp_path / "wds"
     out_dir.mkdir()
-    _, e1 = make_tar(out_dir / "00000.tar", first=0)
-    _, e2 = make_tar(out_dir / "00001.tar", first=100)
-    pq.write_table(pa.table({"key": ["0"], "caption": ["metadata only"]}), out_dir / "00000.parquet")
-    (out_dir / "00000_stats.json").write_text("{}")
-    summary = run_prepare([str(out_dir)], tmp_path / "out", capsys=capsys)
-    assert summary["written"] == len(e1.captions + e2.captions)
+    expected = []
+    for s in range(8):
+        expected += make_tar(out_dir / f"{s:05d}.tar", first=100 * s, n=2)[1].captions
+        pq.write_table(pa.table({"key": ["0"], "caption": ["metadata only"]}), out_dir / f"{s:05d}.parquet")
+        (out_dir / f"{s:05d}_stats.json").write_text("{}")
+    assert prepare.main([str(out_dir), "--output_dir", str(tmp_path / "out"), "--num_workers", "2", "--records_per_part", "7"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["written"] == len(expected) and summary["parts"] == 6  # 8 x 5 input records
     captions, _ = read_back(str(tmp_path / "out" / "train.filelist.list"))
-    assert sorted(captions) == sorted(e1.captions + e2.captions)
+    assert sorted(captions) == sorted(expected)
 
 
 def test_truncated_shard_keeps_the_records_before_the_cut(tmp_path, capsys):
