@@ -122,8 +122,9 @@ def main(argv=None):
 
     # Check every input before anything slow: the Inception weights first, they are the usual miss.
     try:
-        if not args.inception_weights:
-            raise ValueError(f"--inception_weights is required. {WEIGHTS_HELP}")
+        if not args.inception_weights or not os.path.isfile(args.inception_weights):
+            given = f"{args.inception_weights!r} does not exist" if args.inception_weights else "is required"
+            raise ValueError(f"--inception_weights {given}. {WEIGHTS_HELP}")
         scales = parse_scales(args.guidance_scales)
         prompts = read_prompt_file(args.prompt_file) if args.prompt_file else None
         if prompts == []:

@@ -75,14 +75,16 @@ def model_dir_kind(model_dir: str) -> str:
 def _pipeline_from_checkpoint(path: str, use_ema: bool):
     from safetensors.numpy import load_file
 
-    from ldm.args import ModelArguments
+    from ldm.args import ModelArguments, RecipeArguments
     from ldm.checkpoint import trainable_state
     from ldm.model import create_model, read_json
 
     saved = read_json(os.path.join(path, "args.json"))
-    model_args = ModelArguments(**{f.name: saved[f.name] for f in dataclasses.fields(ModelArguments) if f.name in saved})
     try:
-        model = create_model(model_args, int(saved["resolution"]), int(saved.get("seed", 0)))
+        model_args, recipe_args = (cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+                                   for cls in (ModelArguments, RecipeArguments))
+        # The recipe (prediction type, zero-terminal-SNR betas) goes into the sampler's config.
+        model = create_model(model_args, int(saved["resolution"]), int(saved.get("seed", 0)), recipe=recipe_args.recipe())
     except ValueError as e:
         # args.json holds the paths as the run was given them: relative ones resolve against the current directory.
         raise ValueError(f"rebuilding the model of {path} from its args.json: {e}") from None
@@ -96,11 +98,13 @@ def _pipeline_from_checkpoint(path: str, use_ema: bool):
     ema_file = os.path.join(path, "ema.safetensors")
     which = "raw (checkpoint has no EMA)"
     if use_ema and os.path.isfile(ema_file):
-        weights.update(load_file(ema_file))  # keyed by the trainable parameters' names
+        weights.update(load_file(ema_file))  # keyed by the trainable parameters' names (plus an update counter)
         which = "EMA"
     elif os.path.isfile(ema_file):
         which = "raw (--no_ema)"
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})
+    state = model.state_dict()  # the frozen autoencoder's too, which the explicit loop does not save
+    state.update({k: paddle.to_tensor(v) for k, v in weights.items() if k in state})
+    model.set_state_dict(state)
     model.eval()
     return model.to_pipeline(), which
 
@@ -181,7 +185,8 @@ def save_grid(path: str, prompts: List[str], rows: List[List[Image.Image]]) -> s
     scale = max(1, -(-96 // side))
     cell_w, cell_h = rows[0][0].size[0] * scale, rows[0][0].size[1] * scale
     label_h = 14
-    grid = Image.new("RGB", (cell_w * max(len(r) for r in rows), (cell_h + label_h) * len(rows)), "white")
+    # At least wide enough for a caption of ~60 characters in Pillow's default font.
+    grid = Image.new("RGB", (max(cell_w * max(len(r) for r in rows), 360), (cell_h + label_h) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (prompt, images) in enumerate(zip(prompts, rows)):
         y = r * (cell_h + label_h)

@@ -83,3 +83,25 @@ def ldm_args(shapes, vae_dir, out, max_steps, extra=()):
             "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
             "--file_list", shapes["file_list"], "--num_inference_steps", "3", "--model_max_length", "16",
             "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "4", *extra]
+
+
+@pytest.fixture(scope="session")
+def stock_pipeline_dir(shapes, tmp_path_factory):
+    """A tiny LDMTextToImagePipeline written by stock ppdiffusers alone (random weights), with
+    an f=2 autoencoder and a UNet of 8x8 latents: its images are 16 px, not the stock 64."""
+    from ppdiffusers import AutoencoderKL, DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel
+    from ppdiffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from ppdiffusers.transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
+    vae = AutoencoderKL(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    bert = LDMBertModel(LDMBertConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, d_model=32,
+                                      encoder_layers=1, encoder_attention_heads=2, head_dim=16, encoder_ffn_dim=64))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    out = tmp_path_factory.mktemp("stock") / "pipeline"
+    LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler).save_pretrained(str(out))
+    return out
