@@ -1,5 +1,6 @@
 """Failures a long run meets: non-finite losses, a full disk, an unwritable output directory."""
 import errno
+import json
 import os
 
 import numpy as np
@@ -58,3 +59,36 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert all(np.array_equal(before[k], after[k]) for k in before)
     step = checkpoint.load_checkpoint(str(tmp_path / "checkpoint-1"), layer, optimizer, scheduler)
     assert step == 1
+
+
+def test_a_failure_on_another_rank_stops_this_one_too(tmp_path, monkeypatch):
+    """save_atomically agrees across ranks after each phase: if another rank failed (simulated
+    by the all-reduce answering True), this rank raises the one-line error too, instead of waiting
+    at a barrier, and no partial checkpoint is left."""
+    layer = paddle.nn.Linear(3, 2)
+    scheduler = paddle.optimizer.lr.LambdaDecay(1e-3, lambda s: 1.0)
+    optimizer = paddle.optimizer.AdamW(learning_rate=scheduler, parameters=layer.parameters())
+    progress = StreamProgress(1, 1).state_dict()
+    checkpoint.save_checkpoint(str(tmp_path), 1, layer, optimizer, scheduler, progress, {})
+    phases = []
+
+    def other_rank_failed_in_phase_two(flag):
+        phases.append(flag)
+        return len(phases) == 2
+
+    monkeypatch.setattr(checkpoint, "any_rank", other_rank_failed_in_phase_two)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="another rank failed.*checkpoint-1 and is untouched"):
+        checkpoint.save_checkpoint(str(tmp_path), 2, layer, optimizer, scheduler, progress, {})
+    assert phases == [False, False]  # this rank's own writes succeeded
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+
+
+def test_which_data_position_a_resume_uses(tmp_path):
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    position = StreamProgress(1, 1).state_dict()
+    (ckpt / "data_position_rank0.json").write_text(json.dumps(position))
+    (ckpt / "args.json").write_text(json.dumps({"resolution": 32}))
+    assert checkpoint.data_position_to_resume(str(ckpt), 0, 32, False) == position
+    assert checkpoint.data_position_to_resume(str(ckpt), 0, 32, True) is None  # --ignore_data_skip
+    assert checkpoint.data_position_to_resume(str(ckpt), 0, 64, False) is None  # a new resolution stage
