@@ -45,6 +45,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
+def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
+    """FID between two sets of features (rows are samples).
+
+    With no more samples than dimensions (the usual case below 2048 images) the covariances
+    have rank < n and the trace term is exactly the nuclear norm of X1 X2^T / sqrt((n1-1)(n2-1))
+    (X centred): the nonzero eigenvalues of S1 S2 are the squared singular values of that
+    n1 x n2 matrix. That takes milliseconds where the 2048 x 2048 route takes seconds."""
+    n1, n2, dims = len(features1), len(features2), features1.shape[1]
+    if max(n1, n2) > dims:
+        return frechet_distance(*statistics(features1), *statistics(features2))
+    x1 = features1.astype(np.float64) - features1.mean(axis=0)
+    x2 = features2.astype(np.float64) - features2.mean(axis=0)
+    diff = features1.mean(axis=0, dtype=np.float64) - features2.mean(axis=0, dtype=np.float64)
+    trace_covmean = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    return float(diff @ diff + (x1 * x1).sum() / (n1 - 1) + (x2 * x2).sum() / (n2 - 1) - 2 * trace_covmean)
+
+
 def statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (rows are samples), as pytorch-fid fits them."""
     return features.mean(axis=0), np.cov(features, rowvar=False)
@@ -148,9 +165,9 @@ def main(argv=None):
     if n < 2048:
         print(f"note: FID from {n} < 2048 images is biased upwards and its covariance is singular; compare runs only at the same --num_images")
 
-    # Real statistics, once:
+    # Real features, once:
     print(f"{n} real images at {size}x{size} from {args.file_list}; model {args.model_dir} ({weights} weights)", flush=True)
-    mu_real, sigma_real = statistics(pool3_features(inception, real, args.batch_size))
+    real_features = pool3_features(inception, real, args.batch_size)
 
     # Per guidance scale: generate from the same noise, featurise, compare. The CSV is rewritten
     # after each scale, so an interrupted sweep keeps what it measured.
@@ -160,8 +177,7 @@ def main(argv=None):
         shown = min(8, n)
         save_grid(os.path.join(args.output_dir, f"samples_guidance_{scale:g}.png"), captions[:shown], [[im] for im in images[:shown]])
         fake = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-        mu, sigma = statistics(pool3_features(inception, fake, args.batch_size))
-        fid = frechet_distance(mu_real, sigma_real, mu, sigma)
+        fid = fid_from_features(real_features, pool3_features(inception, fake, args.batch_size))
         rows.append({"guidance_scale": scale, "fid": fid, "num_images": n, "num_inference_steps": args.num_inference_steps,
                      "scheduler": args.scheduler, "seed": args.seed, "weights": weights, "model_dir": args.model_dir})
         write_csv(os.path.join(args.output_dir, "fid.csv"), rows)

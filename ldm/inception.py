@@ -207,8 +207,8 @@ class FIDInceptionV3(nn.Layer):
 
 def load_fid_inception(path: str) -> FIDInceptionV3:
     """The network with the weights of `path` (either file named in the module docstring)."""
+    state = to_paddle_names(fid_state_dict(path))  # a bad file stops here, before the network is built
     model = FIDInceptionV3()
-    state = to_paddle_names(fid_state_dict(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
