@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import generate
-from conftest import run_script
+from conftest import ldm_args, run_script
 from test_multiprocess import no_trainer_args
 
 PROMPTS = ["a red circle on a blue background, in the middle", "a green square on a white background, on the left"]
@@ -20,6 +20,16 @@ def run_dir(shapes, vae_dir, tmp_path_factory):
     and the final pipeline directory, which holds the EMA weights of step 2."""
     out = tmp_path_factory.mktemp("generate") / "run"
     res = run_script(no_trainer_args(shapes, vae_dir, out, 2) + ["--use_ema", "--ema_decay", "0.5", "--save_steps", "1", "--image_logging_steps", "0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_run_dir(shapes, vae_dir, tmp_path_factory):
+    """The same with train_txt2img_laion400m_trainer.py, whose checkpoints hold model_state.pdparams."""
+    out = tmp_path_factory.mktemp("generate") / "trainer_run"
+    res = run_script(ldm_args(shapes, vae_dir, out, 2, ["--use_ema", "--ema_decay", "0.5", "--save_steps", "1", "--image_logging_steps", "0",
+                                                       "--per_device_train_batch_size", "2", "--num_threads", "1"]))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -64,14 +74,18 @@ def pipeline_weights(pipe, names):
     return {n: parts[n.split(".", 1)[0]][n.split(".", 1)[1]].numpy() for n in names}
 
 
-def test_checkpoint_uses_ema_weights_unless_told(run_dir, tmp_path):
+@pytest.mark.parametrize("script", ["no_trainer", "trainer"])
+def test_checkpoint_uses_ema_weights_unless_told(request, tmp_path, script):
+    import paddle
     from safetensors.numpy import load_file
 
     from ldm.loading import load_pipeline
     from ppdiffusers import LDMTextToImagePipeline
 
+    run_dir = request.getfixturevalue("run_dir" if script == "no_trainer" else "trainer_run_dir")
     ckpt = run_dir / "checkpoint-2"
-    ema, raw = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    raw = load_file(str(ckpt / "model.safetensors")) if script == "no_trainer" else paddle.load(str(ckpt / "model_state.pdparams"), return_numpy=True)
     ema = {n: v for n, v in ema.items() if n.startswith(("unet.", "text_encoder."))}  # not its update counter
     assert any(not np.array_equal(ema[n], raw[n]) for n in ema)
     pipe, which = load_pipeline(str(ckpt))
