@@ -1,0 +1,157 @@
+"""Stage 1: the discriminator's training and resume, the held-out PSNR, and diffusers-format directories."""
+import os
+import re
+import shutil
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import ROOT, run_script
+
+
+def vae_args(file_list, out, max_steps, extra=()):
+    return ["train_vae.py", "--do_train", "--file_list", file_list, "--output_dir", str(out), "--resolution", "32",
+            "--max_steps", str(max_steps), "--vae_config_file", "config/tiny/vae.json", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "2", "--image_logging_steps", "0",
+            "--scaling_batches", "1", "--seed", "23", "--dataloader_num_workers", "1", "--disc_channels", "8", *extra]
+
+
+def tiny_model(disc_start):
+    from ldm.autoencoder import AutoencoderTrainingModel, build_autoencoder
+    from ldm.discriminator import NLayerDiscriminator
+
+    paddle.seed(0)
+    return AutoencoderTrainingModel(build_autoencoder(os.path.join(ROOT, "config/tiny/vae.json")), 1e-6,
+                                    NLayerDiscriminator(3, 8, 3), disc_start=disc_start, disc_weight=0.5)
+
+
+def grads(layer):
+    return {n: p.grad.numpy().copy() for n, p in layer.named_parameters() if not p.stop_gradient}
+
+
+def test_the_discriminator_is_zero_weighted_before_disc_start_and_trains_after():
+    model = tiny_model(disc_start=3)
+    images = paddle.to_tensor(np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32)).astype("uint8"))
+
+    # Step 2 (< 3): L1 + KL only; every discriminator weight gets an exact zero gradient
+    # (so DataParallel still all-reduces it and Adam leaves it unchanged).
+    model.global_step = 2
+    paddle.seed(1)
+    model(pixel_values=images).backward()
+    before = grads(model.discriminator)
+    assert all(not g.any() for g in before.values())
+    vae_before = grads(model.vae)
+    terms = model.loss_terms.pop_means()
+    assert terms["disc_loss"] == 0 and terms["d_weight"] == 0 and "g_loss" not in terms
+    model.clear_gradients()
+
+    # Step 3: the adversarial term is in: the discriminator learns (hinge loss only: its
+    # gradients equal those of the hinge loss alone) and the autoencoder's gradients change.
+    model.global_step = 3
+    paddle.seed(1)
+    model(pixel_values=images).backward()
+    after, vae_after = grads(model.discriminator), grads(model.vae)
+    terms = model.loss_terms.pop_means()
+    assert terms["d_weight"] > 0 and terms["disc_loss"] > 0
+    assert any(g.any() for g in after.values())
+    assert any(not np.allclose(vae_before[n], vae_after[n]) for n in vae_before)
+    from ldm.discriminator import hinge_d_loss
+    from ldm.model import to_model_range
+
+    model.clear_gradients()
+    paddle.seed(1)
+    x = to_model_range(images)
+    with paddle.no_grad():
+        rec = model.vae.decode(model.vae.encode(x).latent_dist.sample()).sample
+    hinge_d_loss(model.discriminator(x), model.discriminator(rec)).backward()
+    hinge_only = grads(model.discriminator)
+    for name in after:
+        np.testing.assert_allclose(after[name], hinge_only[name], rtol=1e-4, atol=1e-7)
+
+
+def test_psnr_in_db():
+    from ldm.autoencoder import psnr
+
+    a = np.zeros((2, 4, 4, 3), dtype="uint8")
+    b = a.copy()
+    b[1] += 1  # MSE 1: 20 log10(255) = 48.13 dB
+    np.testing.assert_allclose(psnr(b, a), [100.0, 48.1308], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def held_out(shapes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    res = run_script(["-m", "ldm.split", "--file_list", shapes["file_list"], "--output_dir", str(root), "--eval_parts", "1"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return str(root / "train.filelist.list"), str(root / "eval.filelist.list")
+
+
+def test_gan_training_resumes_the_discriminator_and_its_optimizer_and_prints_the_psnr(held_out, tmp_path):
+    train, evaluation = held_out
+    extra = ["--disc_start", "1", "--eval_file_list", evaluation, "--eval_records", "6"]
+    straight = tmp_path / "straight"
+    res = run_script(vae_args(train, straight, 3, extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    # The last line compares autoencoders: PSNR on the held-out images (not trained on).
+    assert re.search(r"reconstruction PSNR on 6 held-out images: \d+\.\d\d dB", res.stdout.strip().splitlines()[-1]), res.stdout[-500:]
+    assert "disc_loss" in res.stderr and "logits_fake" in res.stderr
+
+    # Resume from checkpoint-2 in another directory: the last step must come out as in the
+    # uninterrupted run, which needs the discriminator's weights and Adam moments restored.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    res = run_script(vae_args(train, resumed, 3, extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoint-2" in res.stderr
+    weights = [paddle.load(str(d / "checkpoint-3" / "model_state.pdparams")) for d in (straight, resumed)]
+    disc = [k for k in weights[0] if k.startswith("discriminator.")]
+    assert disc
+    start = paddle.load(str(straight / "checkpoint-2" / "model_state.pdparams"))
+    assert any(not np.array_equal(start[k].numpy(), weights[0][k].numpy()) for k in disc)  # the discriminator trained in step 3
+    for k in weights[0]:
+        np.testing.assert_allclose(weights[0][k].numpy(), weights[1][k].numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+    moments = [paddle.load(str(d / "checkpoint-3" / "optimizer.pdopt")) for d in (straight, resumed)]
+    assert len(moments[0]) == len(moments[1])
+    for k, v in moments[0].items():
+        if isinstance(v, paddle.Tensor):
+            np.testing.assert_allclose(v.numpy(), moments[1][k].numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_diffusers_format_autoencoder_loads_and_reconstructs_like_the_original(tmp_path):
+    from ldm.autoencoder import build_autoencoder
+    from ldm.model import load_autoencoder
+
+    paddle.seed(3)
+    vae = build_autoencoder(os.path.join(ROOT, "config/tiny/vae.json"))
+    vae.save_pretrained(str(tmp_path / "paddle"))
+    vae.save_pretrained(str(tmp_path / "diffusers"), to_diffusers=True)
+    assert os.path.isfile(tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors")
+    images = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype("float32"))
+    out = []
+    for kind in ("paddle", "diffusers"):
+        loaded = load_autoencoder(str(tmp_path / kind))
+        loaded.eval()
+        with paddle.no_grad():
+            out.append(loaded(images, sample_posterior=False).sample.numpy())
+    np.testing.assert_array_equal(out[0], out[1])
+
+    os.remove(tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="has no weights"):
+        load_autoencoder(str(tmp_path / "diffusers"))
+
+
+def test_diffusers_format_pipeline_loads_as_the_original(shapes, vae_dir, tmp_path):
+    from ldm.model import LatentDiffusionModel
+
+    model = LatentDiffusionModel.from_scratch(str(vae_dir), os.path.join(ROOT, "config/tiny/ldmbert.json"),
+                                              os.path.join(ROOT, "config/tiny/unet.json"), shapes["tokenizer"], 16, seed=5)
+    model.save_pipeline(str(tmp_path / "paddle"))
+    model.to_pipeline().save_pretrained(str(tmp_path / "diffusers"), to_diffusers=True)
+    assert os.path.isfile(tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    loaded = [LatentDiffusionModel.from_pipeline_dir(str(tmp_path / kind), 16) for kind in ("paddle", "diffusers")]
+    states = [m.state_dict() for m in loaded]
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        np.testing.assert_array_equal(states[0][k].numpy(), states[1][k].numpy(), err_msg=k)
