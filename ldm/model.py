@@ -150,14 +150,67 @@ def load_tokenizer(path: str, model_max_length: int):
     return BertTokenizer.from_pretrained(path, model_max_length=model_max_length)
 
 
-def load_autoencoder(path: str):
-    """An AutoencoderKL or VQModel directory, chosen by the `_class_name` in its config.json."""
-    require_local(path, "--vae_name_or_path")
+def load_autoencoder(path: str, flag: str = "--vae_name_or_path"):
+    """An AutoencoderKL or VQModel directory, chosen by the `_class_name` in its config.json;
+    Paddle weights or a diffusers download's PyTorch ones (see `from_diffusers`)."""
+    require_local(path, flag)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise ValueError(f"--vae_name_or_path {path!r} has no config.json; pass a directory written by train_vae.py or a pipeline's vqvae/")
+        raise ValueError(f"{flag} {path!r} has no config.json; pass a directory written by train_vae.py, a pipeline's vqvae/ or a diffusers vae/")
     cls = VQModel if read_json(config_file).get("_class_name") == "VQModel" else AutoencoderKL
-    return cls.from_pretrained(path)
+    return cls.from_pretrained(path, from_diffusers=from_diffusers(path, flag))
+
+
+def from_diffusers(path: str, flag: str) -> bool:
+    """Whether a ppdiffusers model directory (vae/, vqvae/, unet/) holds diffusers-format PyTorch
+    weights (`diffusion_pytorch_model.safetensors` or `.bin`, fp16 variants and sharded indexes
+    included), e.g. the `vae/` of a Stable Diffusion download, rather than Paddle ones
+    (`diffusion_paddle_model.safetensors`, `model_state.pdparams`). ppdiffusers converts the former
+    while loading (`from_diffusers=True`), reading both kinds without torch: no conversion step."""
+    names = os.listdir(path)
+
+    def has(prefix):
+        return any(n.startswith(prefix) and n.endswith((".safetensors", ".pdparams", ".bin", ".index.json")) for n in names)
+
+    if has("diffusion_paddle_model") or has("model_state"):
+        return False
+    if has("diffusion_pytorch_model"):
+        return True
+    raise ValueError(f"{flag} {path!r} has no weights: expected diffusion_paddle_model.safetensors or model_state.pdparams (Paddle), "
+                     f"or diffusion_pytorch_model.safetensors or .bin (diffusers)")
+
+
+def load_text_encoder(path: str) -> LDMBertModel:
+    """LDMBert from a pipeline's bert/: Paddle weights (`model.safetensors` marked "np",
+    `model_state.pdparams`) or a diffusers download's PyTorch ones (`pytorch_model.bin`, or
+    `model.safetensors` marked "pt"). The PyTorch ones are converted here (Linear weights
+    transposed, by ppdiffusers' converter) because ppdiffusers 0.29's own `from_diffusers` path
+    for LDMBert fails (a bug in LDMBertPretrainedModel._get_name_mappings)."""
+    from safetensors import safe_open
+
+    from ldm.checkpoint import check_state_shapes
+
+    torch_file = None
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        torch_file = os.path.join(path, "pytorch_model.bin")
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        with safe_open(os.path.join(path, "model.safetensors"), framework="np") as f:
+            if (f.metadata() or {}).get("format") == "pt":
+                torch_file = os.path.join(path, "model.safetensors")
+    if torch_file is None or os.path.isfile(os.path.join(path, "model_state.pdparams")):
+        return LDMBertModel.from_pretrained(path)
+    from ppdiffusers.models.modeling_pytorch_paddle_utils import convert_pytorch_state_dict_to_paddle
+    from ppdiffusers.utils.load_utils import smart_load
+
+    model = LDMBertModel(LDMBertConfig.from_pretrained(path))
+    state = convert_pytorch_state_dict_to_paddle(model, smart_load(torch_file, return_numpy=True))
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"--model_name_or_path: {torch_file} lacks {len(missing)} LDMBert weights (e.g. {missing[0]})")
+    check_state_shapes(model, state, torch_file)
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+    model.eval()
+    return model
 
 
 def build_text_encoder(config_file: str, vocab_size: int, max_length: int) -> LDMBertModel:
@@ -245,7 +298,7 @@ class LatentDiffusionModel(nn.Layer):
         for sub in ("vqvae", "bert", "tokenizer", "unet"):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise ValueError(f"--model_name_or_path {path!r} has no {sub}/; pass a ppdiffusers LDMTextToImagePipeline directory")
-        text_encoder = LDMBertModel.from_pretrained(os.path.join(path, "bert"))
+        text_encoder = load_text_encoder(os.path.join(path, "bert"))
         positions = text_encoder.config.max_position_embeddings
         if model_max_length > positions:
             # The seed's commands always pass 77; a model trained with fewer positions cannot take more.
@@ -262,7 +315,9 @@ class LatentDiffusionModel(nn.Layer):
                 from paddlenlp.utils.log import logger
 
                 logger.warning(f"{path} was trained with prediction_type {trained_as}; this run trains {recipe.prediction_type} (--prediction_type)")
-        return cls(load_autoencoder(os.path.join(path, "vqvae")), text_encoder, UNet2DConditionModel.from_pretrained(os.path.join(path, "unet")),
+        unet_dir = os.path.join(path, "unet")
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, from_diffusers=from_diffusers(unet_dir, "--model_name_or_path"))
+        return cls(load_autoencoder(os.path.join(path, "vqvae"), "--model_name_or_path"), text_encoder, unet,
                    tokenizer, recipe)
 
     @classmethod
