@@ -43,7 +43,8 @@ def load_pipeline(model_dir: str, use_ema: bool = True) -> Tuple["LDMTextToImage
         pipe = LDMTextToImagePipeline.from_pretrained(model_dir)
         weights = "pipeline"
     else:
-        pipe, weights = _pipeline_from_checkpoint(model_dir, use_ema)
+        model, weights = model_from_checkpoint(model_dir, use_ema)
+        pipe = model.to_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe, weights
 
@@ -72,7 +73,8 @@ def model_dir_kind(model_dir: str) -> str:
                      f"model_state.pdparams (a checkpoint-N of a training run)")
 
 
-def _pipeline_from_checkpoint(path: str, use_ema: bool):
+def model_from_checkpoint(path: str, use_ema: bool = True):
+    """The LatentDiffusionModel of a checkpoint-N (eval mode) and which weights it holds."""
     from safetensors.numpy import load_file
 
     from ldm.args import ModelArguments, RecipeArguments
@@ -106,7 +108,7 @@ def _pipeline_from_checkpoint(path: str, use_ema: bool):
     state.update({k: paddle.to_tensor(v) for k, v in weights.items() if k in state})
     model.set_state_dict(state)
     model.eval()
-    return model.to_pipeline(), which
+    return model, which
 
 
 # ---------------------------------------------------------------------------

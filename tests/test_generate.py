@@ -163,3 +163,27 @@ def test_cli_runs_as_a_script(stock_pipeline_dir, tmp_path):
                       "--num_inference_steps", "1", "--num_threads", "1"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "o")) == ["0000-00-a-red-circle.png", "generation.json"]
+
+
+@pytest.mark.parametrize("source", ["stock", "ours"])
+def test_validation_loss_of_written_models(request, shapes, source):
+    """The fixed validation loss (ldm.validation) runs on any written model, and for our run the
+    exported pipeline and the checkpoint it came from (its EMA weights) measure the same loss."""
+    from ldm.loading import model_from_checkpoint
+    from ldm.model import LatentDiffusionModel
+    from ldm.validation import Validator
+
+    model_dir = request.getfixturevalue("stock_pipeline_dir" if source == "stock" else "run_dir")
+    resolution = 16 if source == "stock" else 32
+    exported = LatentDiffusionModel.from_pipeline_dir(str(model_dir), 16)
+    first = Validator(exported, shapes["file_list"], 4, resolution, 2).losses()
+    assert sorted(first) == ["validation/loss"] + [f"validation/loss_q{q}" for q in (1, 2, 3, 4)]
+    assert all(np.isfinite(v) and v > 0 for v in first.values())
+    assert Validator(exported, shapes["file_list"], 4, resolution, 2).losses() == first
+    if source == "ours":
+        checkpoint, which = model_from_checkpoint(str(model_dir / "checkpoint-2"))
+        assert which == "EMA"
+        again = Validator(checkpoint, shapes["file_list"], 4, resolution, 2).losses()
+        assert again == pytest.approx(first, rel=1e-5)
+        raw, _ = model_from_checkpoint(str(model_dir / "checkpoint-2"), use_ema=False)
+        assert Validator(raw, shapes["file_list"], 4, resolution, 2).losses() != first
