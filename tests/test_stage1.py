@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import paddle
 import pytest
+from safetensors.numpy import load_file
 
 from conftest import ROOT, run_script
 
@@ -89,7 +90,7 @@ def held_out(shapes, tmp_path_factory):
 
 def test_gan_training_resumes_the_discriminator_and_its_optimizer_and_prints_the_psnr(held_out, tmp_path):
     train, evaluation = held_out
-    extra = ["--disc_start", "1", "--eval_file_list", evaluation, "--eval_records", "6"]
+    extra = ["--disc_start", "1", "--eval_file_list", evaluation, "--eval_records", "6", "--use_ema", "--ema_decay", "0.9"]
     straight = tmp_path / "straight"
     res = run_script(vae_args(train, straight, 3, extra))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -112,6 +113,12 @@ def test_gan_training_resumes_the_discriminator_and_its_optimizer_and_prints_the
     assert any(not np.array_equal(start[k].numpy(), weights[0][k].numpy()) for k in disc)  # the discriminator trained in step 3
     for k in weights[0]:
         np.testing.assert_allclose(weights[0][k].numpy(), weights[1][k].numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+    # The EMA (what is exported) averages the autoencoder only.
+    ema = load_file(str(straight / "checkpoint-3" / "ema.safetensors"))
+    assert any(k.startswith("vae.") for k in ema) and not any(k.startswith("discriminator.") for k in ema)
+    ema_resumed = load_file(str(resumed / "checkpoint-3" / "ema.safetensors"))
+    for k in ema:
+        np.testing.assert_allclose(ema[k], ema_resumed[k], rtol=1e-5, atol=1e-7, err_msg=k)
     moments = [paddle.load(str(d / "checkpoint-3" / "optimizer.pdopt")) for d in (straight, resumed)]
     assert len(moments[0]) == len(moments[1])
     for k, v in moments[0].items():
