@@ -132,6 +132,11 @@ def set_scheduler(pipe, name: str) -> None:
     """Swap the sampler, keeping the model's noise schedule (betas, prediction type) from its config."""
     from ppdiffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
+    if name != "ddim" and pipe.scheduler.config.get("rescale_betas_zero_snr", False):
+        # ppdiffusers 0.29's PNDM and DPM-Solver would drop the rescaled betas (they have no such
+        # option), and both divide by sqrt(alpha_T) = 0 at the terminal step.
+        raise ValueError(f"--scheduler {name} cannot sample this model: it was trained with zero terminal SNR (rescaled betas), "
+                         "which ppdiffusers' PNDM and DPM-Solver schedulers do not support; use --scheduler ddim")
     if name == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif name == "pndm":

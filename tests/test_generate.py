@@ -109,6 +109,19 @@ def test_other_samplers(run_dir, tmp_path, scheduler):
     assert other.shape == ddim.shape and np.abs(other - ddim).max() > 0
 
 
+def test_zero_terminal_snr_models_only_sample_with_ddim(stock_pipeline_dir):
+    from ldm.loading import load_pipeline, set_scheduler
+    from ppdiffusers import DDIMScheduler
+
+    pipe, _ = load_pipeline(str(stock_pipeline_dir))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    for name in ("pndm", "dpm"):
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            set_scheduler(pipe, name)
+    set_scheduler(pipe, "ddim")
+    assert pipe.scheduler.config.rescale_betas_zero_snr and float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
+
+
 def test_stock_written_model_sizes_and_grid(stock_pipeline_dir, tmp_path):
     # f=2 autoencoder, 8x8 latents: 16 px by default; other sizes in real pixels.
     _, pixels = images(run(stock_pipeline_dir, tmp_path / "default"))
