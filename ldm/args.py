@@ -60,6 +60,14 @@ class ModelArguments:
     caption_dropout: float = field(
         default=0.1, metadata={"help": "Share of captions replaced by the empty string, so the model also learns the unconditional score for classifier-free guidance."}
     )
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=True,
+        metadata={"help": "UNet attention through Paddle's memory-efficient / flash kernels when this Paddle build has them (CUDA builds; the start-up log says which); a CPU build keeps standard attention. --no_enable_xformers_memory_efficient_attention turns it off."},
+    )
+    vae_encode_fp32: bool = field(
+        default=False,
+        metadata={"help": "Keep the frozen autoencoder's encode in float32 under --fp16/--bf16 (by default it runs in the mixed-precision autocast, about half the step's FLOPs at 256 px without cached latents)."},
+    )
 
 
 @dataclass
@@ -160,9 +168,10 @@ class LoopArguments:
     seed: int = field(default=23, metadata={"help": "Seeds model init, noise, timesteps and the data stream's order."})
     num_workers: int = field(default=6, metadata={"help": "Data worker processes per device; 0 reads in the training process."})
     image_logging_steps: int = field(default=1000, metadata={"help": "Log reconstructions and DDIM samples every this many optimizer steps; 0 turns it off."})
-    fp16: bool = field(default=False, metadata={"help": "Mixed precision (float16 autocast with dynamic loss scaling; the autoencoder stays float32). GPU only."})
-    bf16: bool = field(default=False, metadata={"help": "Mixed precision in bfloat16 autocast (no loss scaling needed; the autoencoder stays float32). GPUs with bf16 (A100 and newer)."})
+    fp16: bool = field(default=False, metadata={"help": "Mixed precision (float16 autocast with dynamic loss scaling; the frozen encoder too unless --vae_encode_fp32). GPU only."})
+    bf16: bool = field(default=False, metadata={"help": "Mixed precision in bfloat16 autocast (no loss scaling needed; the frozen encoder too unless --vae_encode_fp32). GPUs with bf16 (A100 and newer)."})
     recompute: bool = field(default=False, metadata={"help": "Recompute activations in backward to save memory."})
+    to_static: bool = field(default=False, metadata={"help": "Compile the UNet and LDMBert forward with Paddle's dynamic-to-static (SOT); measured slower than eager on the CPU (README \"Speed\")."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
     num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses every core this process may run on."})

@@ -27,6 +27,7 @@ from ppdiffusers import (
     VQModel,
 )
 from ppdiffusers.models.resnet import ResnetBlock2D
+from ppdiffusers.models.vae import DiagonalGaussianDistribution
 from ppdiffusers.models.transformer_2d import Transformer2DModel
 from ppdiffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 from ppdiffusers.utils.initializer_utils import normal_, reset_initialized_parameter, zeros_
@@ -289,6 +290,7 @@ class LatentDiffusionModel(nn.Layer):
         self.scaling_factor = float(self.vae.config.scaling_factor)
         # Latent side = pixels / 2**(number of downsamplings in the autoencoder).
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.encode_in_float32 = False  # --vae_encode_fp32: keep the encoder out of mixed precision
 
     # -- construction -----------------------------------------------------------------------
 
@@ -347,24 +349,60 @@ class LatentDiffusionModel(nn.Layer):
         self.unet.enable_gradient_checkpointing()
         self.text_encoder.model.gradient_checkpointing = True
 
+    def enable_memory_efficient_attention(self) -> bool:
+        """The UNet's attention through ppdiffusers' memory-efficient / flash kernels (its
+        `enable_xformers_memory_efficient_attention`: Paddle's memory_efficient_attention, or flash
+        attention in fp16/bf16) when this Paddle build has them (CUDA builds); True if it is on.
+        A CPU build has neither (ppdiffusers' probe fails and enabling would raise), so the UNet
+        keeps its standard attention there."""
+        from ppdiffusers.utils.import_utils import is_ppxformers_available
+
+        if not is_ppxformers_available():
+            return False
+        self.unet.enable_xformers_memory_efficient_attention()
+        return True
+
+    def compile_static(self) -> None:
+        """UNet and LDMBert forward through Paddle's dynamic-to-static compiler (`paddle.jit.to_static`,
+        SOT mode: ppdiffusers' attention code does not convert in full-graph AST mode, which fails with
+        "'generator' object has no attribute 'shape'"). The step's random draws, the frozen encoder and
+        the loss stay eager. Measured in bench/train_step.py --to_static (README "Speed")."""
+        paddle.jit.to_static(self.unet, full_graph=False)
+        paddle.jit.to_static(self.text_encoder, full_graph=False)
+
     # -- training ---------------------------------------------------------------------------
 
     @paddle.no_grad()
-    def encode_latents(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
-        """Scaled latents of images in [-1, 1]; always float32 (the frozen encoder is not autocast)."""
-        with paddle.amp.auto_cast(enable=False):
-            pixel_values = to_model_range(pixel_values)
-            if isinstance(self.vae, VQModel):
-                latents = self.vae.encode(pixel_values).latents
-            else:
-                latents = self.vae.encode(pixel_values).latent_dist.sample()
-        return latents * self.scaling_factor
+    def encode_moments(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        """`posterior_moments` of the frozen autoencoder (what ldm.cache_latents stores). Under
+        --fp16/--bf16 the encoder runs in the ambient autocast (at 256 px it costs about as many
+        FLOPs as the UNet's and LDMBert's forward and backward) unless `encode_in_float32`
+        (--vae_encode_fp32); the moments are float32 either way."""
+        with contextlib.nullcontext() if not self.encode_in_float32 else paddle.amp.auto_cast(enable=False):
+            return posterior_moments(self.vae, pixel_values)
 
-    def forward(self, input_ids=None, pixel_values=None, **kwargs):
+    @paddle.no_grad()
+    def latents_from_moments(self, moments: paddle.Tensor) -> paddle.Tensor:
+        """Scaled latents from `encode_moments`' output, or from cached moments (float16 from the
+        stream): a posterior sample mean + exp(logvar / 2) * randn (the same draw as
+        `latent_dist.sample()`, so a cached and an encoded batch give the same latents for the
+        same RNG state), or a VQModel's latents as they are."""
+        moments = moments.astype("float32")
+        if isinstance(self.vae, VQModel):
+            return moments * self.scaling_factor
+        return DiagonalGaussianDistribution(moments).sample() * self.scaling_factor
+
+    def encode_latents(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        """Scaled latents (a posterior sample) of images from the stream; float32."""
+        return self.latents_from_moments(self.encode_moments(pixel_values))
+
+    def forward(self, input_ids=None, pixel_values=None, latent_moments=None, **kwargs):
         """The LDM objective: MSE between what the UNet predicts (epsilon, or v) and its true value
-        at a random timestep, with the recipe's options (ldm.model.Recipe)."""
+        at a random timestep, with the recipe's options (ldm.model.Recipe). The latents come from
+        the images (`pixel_values`, encoded here) or from moments cached by ldm.cache_latents
+        (`latent_moments`, no encoder run)."""
         self.vae.eval()
-        latents = self.encode_latents(pixel_values)
+        latents = self.encode_latents(pixel_values) if latent_moments is None else self.latents_from_moments(latent_moments)
         recipe = self.recipe
         noise = sample_noise(latents.shape, latents.dtype, recipe.noise_offset)
         timesteps = paddle.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).astype("int64")
@@ -438,6 +476,17 @@ class LatentDiffusionModel(nn.Layer):
         self.to_pipeline().save_pretrained(output_dir)
 
 
+def posterior_moments(vae, pixel_values: paddle.Tensor) -> paddle.Tensor:
+    """What the autoencoder's encoder says about images from the stream, float32: the posterior's
+    [mean, logvar] for an AutoencoderKL (logvar clipped as its DiagonalGaussianDistribution clips
+    it), the pre-quantisation latents for a VQModel (deterministic)."""
+    pixel_values = to_model_range(pixel_values)
+    if isinstance(vae, VQModel):
+        return vae.encode(pixel_values).latents.astype("float32")
+    posterior = vae.encode(pixel_values).latent_dist
+    return paddle.concat([posterior.mean, posterior.logvar], axis=1).astype("float32")
+
+
 def to_model_range(pixel_values: paddle.Tensor) -> paddle.Tensor:
     """Images from the data stream (uint8 0..255, CHW) as float32 in [-1, 1]; float input passes through."""
     if pixel_values.dtype == paddle.uint8:
@@ -479,4 +528,11 @@ def create_model(model_args, resolution: int, seed: int, recompute: bool = False
         model.unet.register_to_config(sample_size=latent)
     if recompute:
         model.enable_recompute()
+    from paddlenlp.utils.log import logger
+
+    model.encode_in_float32 = model_args.vae_encode_fp32
+    if model_args.enable_xformers_memory_efficient_attention:
+        on = model.enable_memory_efficient_attention()
+        logger.info("UNet attention: " + ("memory-efficient / flash kernels (ppdiffusers' xformers processor)" if on else
+                                          "standard (this Paddle build has no memory_efficient_attention; CUDA builds do)"))
     return model

@@ -1,0 +1,206 @@
+"""Time per optimizer step: our Trainer's step against a bare Paddle loop, same model, batch and data.
+
+    python bench/train_step.py [--preset tiny] [--resolution 32] [--batch_size 8] [--steps 12] [--warmup 3]
+                               [--workers 1] [--cached] [--to_static]
+
+Builds the preset from scratch (random autoencoder from config/PRESET/vae.json, tokenizer and
+shapes data generated into a temporary directory; nothing downloaded), then in one process:
+  * bare:  `loss = model(**batch); loss.backward(); opt.step(); opt.clear_grad()` over a
+           paddle.io.DataLoader of the same stream (AdamW, same settings), with each step split into
+           data wait, autoencoder encode (or sampling the cached moments), LDMBert forward, UNet forward,
+           backward (UNet and LDMBert) and optimizer, timed by forward hooks;
+  * ours:  train_txt2img_laion400m_trainer.py's StreamTrainer (PaddleNLP Trainer) on the same
+           model and data, its step timed from one optimizer step's end to the next (data wait included);
+  * bare again, so a load change on a shared machine hits both sides alike.
+Each figure is the median over the steps after --warmup. `--cached` first runs ldm.cache_latents on
+the data and trains from the moments; `--to_static` compiles UNet and LDMBert (ldm.model.compile_static).
+Last line: `train_step: ours N ms, bare M ms, ratio R`.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_inputs(tmp, preset, resolution, records):
+    """Shapes data a little larger than the crop, a tokenizer from its captions, a random autoencoder."""
+    from ppdiffusers import AutoencoderKL
+
+    from ldm.sample_data import write_sample_dataset
+    from ldm.tokenizer import build_vocab, iter_captions, write_tokenizer
+
+    file_list = write_sample_dataset(os.path.join(tmp, "data"), num_parts=2, records_per_part=records // 2, size=resolution + 8, seed=1)
+    tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), os.path.join(tmp, "tokenizer"), model_max_length=16)
+    with open(os.path.join(ROOT, "config", preset, "vae.json")) as f:
+        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    vae_dir = os.path.join(tmp, "vae")
+    AutoencoderKL(**config).save_pretrained(vae_dir)
+    return file_list, tokenizer, vae_dir
+
+
+def build(args, file_list, tokenizer, vae_dir, latent_cache):
+    from ldm.args import ModelArguments
+    from ldm.data import TextImageStream, as_paddle_dataset
+    from ldm.model import create_model
+
+    model_args = ModelArguments(vae_name_or_path=vae_dir, tokenizer_name=tokenizer, model_max_length=16,
+                                text_encoder_config_file=os.path.join(ROOT, "config", args.preset, "ldmbert.json"),
+                                unet_config_file=os.path.join(ROOT, "config", args.preset, "unet.json"))
+    model = create_model(model_args, args.resolution, seed=23)
+    if args.to_static:
+        model.compile_static()
+    extra = {"latent_cache": latent_cache} if latent_cache else {}
+    stream = TextImageStream(file_list, args.resolution, model.tokenizer, 16, 0.1, buffer_size=64, seed=23, rank=0, world_size=1, **extra)
+    return model, as_paddle_dataset(stream)
+
+
+class PhaseClock:
+    """Wall time of a step's phases, from forward hooks and wrappers (CPU kernels run synchronously;
+    on a GPU each mark would need a device sync)."""
+
+    def __init__(self, model):
+        self.times = {}
+        self._t = None
+        # encode_latents = latents_from_moments(encode_moments(...)): two calls in a row, both "encode".
+        encode, from_moments = model.encode_moments, model.latents_from_moments
+        model.encode_moments = lambda *a, **k: self._timed("encode", encode, *a, **k)
+        model.latents_from_moments = lambda *a, **k: self._timed("encode", from_moments, *a, **k)
+        for name, layer in (("ldmbert_fwd", model.text_encoder), ("unet_fwd", model.unet)):
+            layer.register_forward_pre_hook(lambda *_: self._start())
+            layer.register_forward_post_hook(lambda *_, name=name: self._stop(name))
+
+    def _start(self):
+        self._t = time.perf_counter()
+
+    def _stop(self, name):
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - self._t
+
+    def _timed(self, name, fn, *a, **k):
+        self._start()
+        out = fn(*a, **k)
+        self._stop(name)
+        return out
+
+
+def bare_loop(model, dataset, args, steps):
+    """The plainest Paddle loop over the same model and data; per-step phase times."""
+    import paddle
+    from paddle.io import DataLoader
+
+    from ldm.model import decay_parameter_names
+
+    decay = decay_parameter_names(model)
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.trainable_parameters(), weight_decay=0.02,
+                                       apply_decay_param_fun=lambda name: name in decay)
+    clock = PhaseClock(model)
+    loader = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, drop_last=True))
+    model.train()
+    rows = []
+    for _ in range(steps):
+        clock.times = {}
+        t0 = time.perf_counter()
+        batch = next(loader)
+        for key in ("skips", "worker", "position", "data_error"):
+            batch.pop(key)
+        t1 = time.perf_counter()
+        loss = model(**batch)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.clear_grad()
+        t4 = time.perf_counter()
+        phases = dict(clock.times)
+        rows.append({"data": t1 - t0, **phases, "loss_etc": (t2 - t1) - sum(phases.values()), "backward": t3 - t2,
+                     "optimizer": t4 - t3, "step": t4 - t0})
+    return rows
+
+
+def trainer_loop(model, dataset, args, steps, out_dir):
+    """Our StreamTrainer for `steps` optimizer steps; the time between consecutive step ends."""
+    from paddlenlp.trainer import TrainerCallback
+
+    from ldm.args import LDMTrainingArguments
+    from ldm.trainer import StreamTrainer
+
+    ends = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    training_args = LDMTrainingArguments(output_dir=out_dir, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+                                         weight_decay=0.02, max_steps=steps, logging_steps=10**9, save_steps=10**9,
+                                         image_logging_steps=0, dataloader_num_workers=args.workers, seed=23, max_grad_norm=-1,
+                                         lr_scheduler_type="constant", disable_tqdm=True, report_to=["none"])
+    trainer = StreamTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[StepEnds()])
+    start = time.perf_counter()
+    trainer.train()
+    return [b - a for a, b in zip([start] + ends[:-1], ends)]
+
+
+def median_ms(values):
+    return 1000 * statistics.median(values)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", help="config/ preset: tiny, ldm_12l or ldm_32l.")
+    parser.add_argument("--resolution", type=int, default=32, help="Training crop side in pixels.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per step.")
+    parser.add_argument("--steps", type=int, default=12, help="Timed steps per loop (after the warm-up).")
+    parser.add_argument("--warmup", type=int, default=3, help="Steps run before timing starts.")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0: read in the training process).")
+    parser.add_argument("--cached", action="store_true", help="Train from latents cached by ldm.cache_latents (no encoder run).")
+    parser.add_argument("--to_static", action="store_true", help="Compile UNet and LDMBert with paddle.jit.to_static (SOT).")
+    parser.add_argument("--skip_trainer", action="store_true", help="Only the bare loop and its breakdown.")
+    args = parser.parse_args()
+
+    from ldm.runtime import set_cpu_threads
+
+    threads = set_cpu_threads(0)
+    total = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        file_list, tokenizer, vae_dir = make_inputs(tmp, args.preset, args.resolution, records=max(64, 4 * args.batch_size * total))
+        latent_cache = None
+        if args.cached:
+            from ldm import cache_latents
+
+            cache_latents.main(["--file_list", file_list, "--vae_name_or_path", vae_dir, "--resolution", str(args.resolution),
+                                "--output_dir", os.path.join(tmp, "cache"), "--batch_size", str(args.batch_size)])
+            file_list = os.path.join(tmp, "cache", "train.filelist.list")
+            latent_cache, message, _ = cache_latents.probe_cache(file_list, vae_dir, args.resolution)
+            print(message, flush=True)
+        model, dataset = build(args, file_list, tokenizer, vae_dir, latent_cache)
+        trainable = sum(p.size for p in model.trainable_parameters())
+        print(f"preset {args.preset}: {trainable / 1e6:.1f}M trainable, {args.resolution} px, batch {args.batch_size}, "
+              f"{args.workers} worker(s), {threads} thread(s), latents {'cached' if latent_cache else 'encoded'}"
+              f"{', to_static' if args.to_static else ''}", flush=True)
+
+        bare = bare_loop(model, dataset, args, total)[args.warmup:]
+        ours = [] if args.skip_trainer else trainer_loop(model, dataset, args, total, os.path.join(tmp, "out"))[args.warmup:]
+        if not args.skip_trainer:
+            bare += bare_loop(model, dataset, args, total)[args.warmup:]
+
+    phases = [k for k in ("data", "encode", "ldmbert_fwd", "unet_fwd", "loss_etc", "backward", "optimizer") if k in bare[0]]
+    print("\n| phase (bare loop) | median ms | share of the step |")
+    print("|---|---|---|")
+    step_ms = median_ms([r["step"] for r in bare])
+    for k in phases:
+        ms = median_ms([r[k] for r in bare])
+        print(f"| {k} | {ms:.1f} | {ms / step_ms:.0%} |")
+    print(f"| step | {step_ms:.1f} | images/s {1000 * args.batch_size / step_ms:.1f} |")
+    if ours:
+        ours_ms = median_ms(ours)
+        print(f"\nours (StreamTrainer) images/s {1000 * args.batch_size / ours_ms:.1f}")
+        print(f"train_step: ours {ours_ms:.1f} ms, bare {step_ms:.1f} ms, ratio {ours_ms / step_ms:.2f}")
+
+
+if __name__ == "__main__":
+    main()
