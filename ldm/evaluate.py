@@ -20,7 +20,7 @@ import csv
 import itertools
 import os
 import sys
-from typing import List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import numpy as np
 
@@ -67,16 +67,22 @@ def statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def real_records(file_list: str, num_images: int, resolution: int, seed: int = 0) -> Tuple[np.ndarray, List[str], dict]:
-    """The first `num_images` readable records of one deterministic pass over the data:
-    NHWC uint8 images at `resolution` (the training crop), their captions, and skips by reason."""
+def real_records(file_list: str, num_images: int, resolution: int, seed: int = 0) -> Tuple[Iterator[Tuple[np.ndarray, str]], dict]:
+    """The first `num_images` readable records of one deterministic pass over the data, as
+    (HWC uint8 image at `resolution`, cropped as for training; caption), and the skip counts by
+    reason (filled in as the records are read)."""
     from ldm.data import TextImageStream
 
     stream = TextImageStream(file_list, resolution, seed=seed, rank=0, world_size=1)
     shard = stream.shard_stream(0, 1, passes=1)
-    records = list(itertools.islice(stream.records(shard), num_images))
-    images = np.stack([r["pixel_values"].transpose(1, 2, 0) for r in records]) if records else np.zeros((0, resolution, resolution, 3), np.uint8)
-    return images, [r["caption"] for r in records], dict(shard.skips)
+    records = itertools.islice(stream.records(shard), num_images)
+    return ((r["pixel_values"].transpose(1, 2, 0), r["caption"]) for r in records), shard.skips
+
+
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def parse_scales(text: str) -> List[float]:
@@ -133,8 +139,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from tqdm.auto import tqdm
+
     from ldm.inception import WEIGHTS_HELP, load_fid_inception, pool3_features
-    from ldm.loading import generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, trained_size
+    from ldm.loading import generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, to_uint8_array, trained_size
     from ldm.runtime import exit_on_bad_input, require_writable_dir, set_cpu_threads
 
     # Check every input before anything slow: the Inception weights first, they are the usual miss.
@@ -152,32 +160,39 @@ def main(argv=None):
         pipe, weights = load_pipeline(args.model_dir, use_ema=not args.no_ema)
         set_scheduler(pipe, args.scheduler)
         size = trained_size(pipe)
-        real, captions, skips = real_records(args.file_list, args.num_images, size, args.seed)
-        if len(real) < 2:
-            raise ValueError(f"--file_list {args.file_list!r} has {len(real)} readable record(s) of at least {size} px (skips: {skips}); FID needs at least 2")
+        records, skips = real_records(args.file_list, args.num_images, size, args.seed)
     except ValueError as e:
         exit_on_bad_input(e)
-    if len(real) < args.num_images:
-        print(f"note: --file_list has only {len(real)} readable records of at least {size} px in one pass (skips: {skips}); using {len(real)}")
-    n = len(real)
+
+    # Real features, once, a batch at a time (10k images at 256 px would be 2 GB at once):
+    real_features, captions = [], []
+    for batch in batches(records, args.batch_size):
+        real_features.append(pool3_features(inception, np.stack([image for image, _ in batch]), args.batch_size))
+        captions += [caption for _, caption in batch]
+    if len(captions) < 2:
+        exit_on_bad_input(ValueError(f"--file_list {args.file_list!r} has {len(captions)} readable record(s) of at least {size} px "
+                                     f"(skips: {dict(skips)}); FID needs at least 2"))
+    real_features, n = np.concatenate(real_features), len(captions)
+    if n < args.num_images:
+        print(f"note: --file_list has only {n} readable records of at least {size} px in one pass (skips: {dict(skips)}); using {n}")
     if prompts:
         captions = [prompts[i % len(prompts)] for i in range(n)]
     if n < 2048:
-        print(f"note: FID from {n} < 2048 images is biased upwards and its covariance is singular; compare runs only at the same --num_images")
-
-    # Real features, once:
+        print(f"note: FID from {n} < 2048 images is biased upwards; compare runs only at the same --num_images")
     print(f"{n} real images at {size}x{size} from {args.file_list}; model {args.model_dir} ({weights} weights)", flush=True)
-    real_features = pool3_features(inception, real, args.batch_size)
 
     # Per guidance scale: generate from the same noise, featurise, compare. The CSV is rewritten
     # after each scale, so an interrupted sweep keeps what it measured.
     rows = []
     for scale in scales:
-        images = generate(pipe, captions, size, size, args.num_inference_steps, scale, args.seed, args.batch_size, progress=True)
-        shown = min(8, n)
-        save_grid(os.path.join(args.output_dir, f"samples_guidance_{scale:g}.png"), captions[:shown], [[im] for im in images[:shown]])
-        fake = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-        fid = fid_from_features(real_features, pool3_features(inception, fake, args.batch_size))
+        fake_features, shown = [], []
+        for start in tqdm(range(0, n, args.batch_size), desc=f"guidance {scale:g}"):
+            images = generate(pipe, captions[start:start + args.batch_size], size, size, args.num_inference_steps, scale,
+                              args.seed, args.batch_size, first_index=start)
+            fake_features.append(pool3_features(inception, to_uint8_array(images), args.batch_size))
+            shown += images[:8 - len(shown)]
+        save_grid(os.path.join(args.output_dir, f"samples_guidance_{scale:g}.png"), captions[:len(shown)], [[im] for im in shown])
+        fid = fid_from_features(real_features, np.concatenate(fake_features))
         rows.append({"guidance_scale": scale, "fid": fid, "num_images": n, "num_inference_steps": args.num_inference_steps,
                      "scheduler": args.scheduler, "seed": args.seed, "weights": weights, "model_dir": args.model_dir})
         write_csv(os.path.join(args.output_dir, "fid.csv"), rows)

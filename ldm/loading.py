@@ -78,7 +78,7 @@ def model_from_checkpoint(path: str, use_ema: bool = True):
     from safetensors.numpy import load_file
 
     from ldm.args import ModelArguments, RecipeArguments
-    from ldm.checkpoint import trainable_state
+    from ldm.checkpoint import check_state_shapes, trainable_state
     from ldm.model import create_model, read_json
 
     saved = read_json(os.path.join(path, "args.json"))
@@ -104,6 +104,7 @@ def model_from_checkpoint(path: str, use_ema: bool = True):
         which = "EMA"
     elif os.path.isfile(ema_file):
         which = "raw (--no_ema)"
+    check_state_shapes(model, weights, f"checkpoint {path}")
     state = model.state_dict()  # the frozen autoencoder's too, which the explicit loop does not save
     state.update({k: paddle.to_tensor(v) for k, v in weights.items() if k in state})
     model.set_state_dict(state)
@@ -157,10 +158,11 @@ def check_size(pipe, height: Optional[int], width: Optional[int]) -> Tuple[int, 
 
 
 def generate(pipe, prompts: List[str], height: int, width: int, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-             seed: int = 0, batch_size: int = 4, progress: bool = False) -> List[Image.Image]:
+             seed: int = 0, batch_size: int = 4, progress: bool = False, first_index: int = 0) -> List[Image.Image]:
     """One image per entry of `prompts`, `height` x `width` real pixels.
 
-    Image k starts from the noise `initial_noise(seed, k, ...)`, so the same seed gives the same
+    Image k (counted from `first_index`, so a long list can be drawn in pieces) starts from the
+    noise `initial_noise(seed, k, ...)`, so the same seed gives the same
     image whatever the batch size. The noise is drawn with numpy and handed to the pipeline:
     ppdiffusers replaces `paddle.Generator` with a tracker whose `manual_seed` calls
     `paddle.seed` and, on the CPU, then draws from the global RNG, so per-image generators
@@ -174,7 +176,7 @@ def generate(pipe, prompts: List[str], height: int, width: int, num_inference_st
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         chunk = prompts[start:start + batch_size]
-        noise = np.stack([initial_noise(seed, start + i, latent_shape) for i in range(len(chunk))])
+        noise = np.stack([initial_noise(seed, first_index + start + i, latent_shape) for i in range(len(chunk))])
         out = pipe(chunk, height=latent_shape[1] * 8, width=latent_shape[2] * 8, num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, latents=paddle.to_tensor(noise))
         images += out.images
