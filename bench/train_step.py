@@ -1,7 +1,7 @@
 """Time per optimizer step: our Trainer's step against a bare Paddle loop, same model, batch and data.
 
     python bench/train_step.py [--preset tiny] [--resolution 32] [--batch_size 8] [--steps 12] [--warmup 3]
-                               [--workers 1] [--cached] [--to_static]
+                               [--workers 1] [--rounds 2] [--cached] [--to_static]
 
 Builds the preset from scratch (random autoencoder from config/PRESET/vae.json, tokenizer and
 shapes data generated into a temporary directory; nothing downloaded), then in one process:
@@ -10,10 +10,11 @@ shapes data generated into a temporary directory; nothing downloaded), then in o
            data wait, autoencoder encode (or sampling the cached moments), LDMBert forward, UNet forward,
            backward (UNet and LDMBert) and optimizer, timed by forward hooks;
   * ours:  train_txt2img_laion400m_trainer.py's StreamTrainer (PaddleNLP Trainer) on the same
-           model and data, its step timed from one optimizer step's end to the next (data wait included);
-  * bare again, so a load change on a shared machine hits both sides alike.
-Each figure is the median over the steps after --warmup. `--cached` first runs ldm.cache_latents on
-the data and trains from the moments; `--to_static` compiles UNet and LDMBert (ldm.model.compile_static).
+           model and data, its step timed from one optimizer step's end to the next (data wait included).
+The two take turns --rounds times, so a change of load on a shared machine hits both alike; each
+figure is the median over the steps after --warmup. `--cached` runs ldm.cache_latents on the data and
+trains from the moments, `--to_static` compiles UNet and LDMBert (ldm.model.compile_static); the bare
+loop then also runs the plain way, taking turns step by step, and the speed-up is printed.
 Last line: `train_step: ours N ms, bare M ms, ratio R`.
 """
 import argparse
@@ -44,20 +45,22 @@ def make_inputs(tmp, preset, resolution, records):
     return file_list, tokenizer, vae_dir
 
 
-def build(args, file_list, tokenizer, vae_dir, latent_cache):
+def build_model(args, tokenizer, vae_dir):
     from ldm.args import ModelArguments
-    from ldm.data import TextImageStream, as_paddle_dataset
     from ldm.model import create_model
 
     model_args = ModelArguments(vae_name_or_path=vae_dir, tokenizer_name=tokenizer, model_max_length=16,
                                 text_encoder_config_file=os.path.join(ROOT, "config", args.preset, "ldmbert.json"),
                                 unet_config_file=os.path.join(ROOT, "config", args.preset, "unet.json"))
-    model = create_model(model_args, args.resolution, seed=23)
-    if args.to_static:
-        model.compile_static()
+    return create_model(model_args, args.resolution, seed=23)
+
+
+def dataset(args, model, file_list, latent_cache=None):
+    from ldm.data import TextImageStream, as_paddle_dataset
+
     extra = {"latent_cache": latent_cache} if latent_cache else {}
     stream = TextImageStream(file_list, args.resolution, model.tokenizer, 16, 0.1, buffer_size=64, seed=23, rank=0, world_size=1, **extra)
-    return model, as_paddle_dataset(stream)
+    return as_paddle_dataset(stream)
 
 
 class PhaseClock:
@@ -88,41 +91,46 @@ class PhaseClock:
         return out
 
 
-def bare_loop(model, dataset, args, steps):
-    """The plainest Paddle loop over the same model and data; per-step phase times."""
+def bare_loop(model, clock, variants, args, steps):
+    """The plainest Paddle loop over the same model: per-step phase times for each variant
+    {name: (dataset, to_static on?)}, the variants taking turns step by step so that a change of
+    load on a shared machine hits them alike."""
     import paddle
     from paddle.io import DataLoader
 
+    from ldm.data import BOOKKEEPING_KEY
     from ldm.model import decay_parameter_names
 
     decay = decay_parameter_names(model)
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.trainable_parameters(), weight_decay=0.02,
                                        apply_decay_param_fun=lambda name: name in decay)
-    clock = PhaseClock(model)
-    loader = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, drop_last=True))
+    loaders = {name: iter(DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, drop_last=True))
+               for name, (data, _) in variants.items()}
     model.train()
-    rows = []
+    rows = {name: [] for name in variants}
     for _ in range(steps):
-        clock.times = {}
-        t0 = time.perf_counter()
-        batch = next(loader)
-        for key in ("skips", "worker", "position", "data_error"):
-            batch.pop(key)
-        t1 = time.perf_counter()
-        loss = model(**batch)
-        t2 = time.perf_counter()
-        loss.backward()
-        t3 = time.perf_counter()
-        optimizer.step()
-        optimizer.clear_grad()
-        t4 = time.perf_counter()
-        phases = dict(clock.times)
-        rows.append({"data": t1 - t0, **phases, "loss_etc": (t2 - t1) - sum(phases.values()), "backward": t3 - t2,
-                     "optimizer": t4 - t3, "step": t4 - t0})
-    return rows
+        for name, (_, static) in variants.items():
+            paddle.jit.enable_to_static(static)  # compiled layers run eagerly when off
+            clock.times = {}
+            t0 = time.perf_counter()
+            batch = next(loaders[name])
+            batch.pop(BOOKKEEPING_KEY)
+            t1 = time.perf_counter()
+            loss = model(**batch)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            optimizer.step()
+            optimizer.clear_grad()
+            t4 = time.perf_counter()
+            phases = dict(clock.times)
+            rows[name].append({"data": t1 - t0, **phases, "loss_etc": (t2 - t1) - sum(phases.values()), "backward": t3 - t2,
+                               "optimizer": t4 - t3, "step": t4 - t0})
+    paddle.jit.enable_to_static(True)
+    return {name: r[args.warmup:] for name, r in rows.items()}
 
 
-def trainer_loop(model, dataset, args, steps, out_dir):
+def trainer_loop(model, data, args, steps, out_dir):
     """Our StreamTrainer for `steps` optimizer steps; the time between consecutive step ends."""
     from paddlenlp.trainer import TrainerCallback
 
@@ -139,10 +147,10 @@ def trainer_loop(model, dataset, args, steps, out_dir):
                                          weight_decay=0.02, max_steps=steps, logging_steps=10**9, save_steps=10**9,
                                          image_logging_steps=0, dataloader_num_workers=args.workers, seed=23, max_grad_norm=-1,
                                          lr_scheduler_type="constant", disable_tqdm=True, report_to=["none"])
-    trainer = StreamTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[StepEnds()])
+    trainer = StreamTrainer(model=model, args=training_args, train_dataset=data, callbacks=[StepEnds()])
     start = time.perf_counter()
     trainer.train()
-    return [b - a for a, b in zip([start] + ends[:-1], ends)]
+    return [b - a for a, b in zip([start] + ends[:-1], ends)][args.warmup:]
 
 
 def median_ms(values):
@@ -157,48 +165,74 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="Timed steps per loop (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=3, help="Steps run before timing starts.")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0: read in the training process).")
-    parser.add_argument("--cached", action="store_true", help="Train from latents cached by ldm.cache_latents (no encoder run).")
-    parser.add_argument("--to_static", action="store_true", help="Compile UNet and LDMBert with paddle.jit.to_static (SOT).")
+    parser.add_argument("--cached", action="store_true", help="Train from latents cached by ldm.cache_latents (no encoder run); "
+                        "the bare loop also runs on the encoded data, step for step, for the speed-up.")
+    parser.add_argument("--to_static", action="store_true", help="Compile UNet and LDMBert with paddle.jit.to_static (SOT); "
+                        "the bare loop also runs eagerly, step for step, for the speed-up.")
+    parser.add_argument("--rounds", type=int, default=2, help="Times the bare loop and ours take turns.")
     parser.add_argument("--skip_trainer", action="store_true", help="Only the bare loop and its breakdown.")
     args = parser.parse_args()
 
+    from paddlenlp.utils.log import logger
+
     from ldm.runtime import set_cpu_threads
+
+    logger.set_level("WARNING")  # the Trainer's argument dump would bury the table
 
     threads = set_cpu_threads(0)
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        file_list, tokenizer, vae_dir = make_inputs(tmp, args.preset, args.resolution, records=max(64, 4 * args.batch_size * total))
-        latent_cache = None
+        records = max(64, 2 * args.batch_size * total)  # the stream repeats its passes
+        file_list, tokenizer, vae_dir = make_inputs(tmp, args.preset, args.resolution, records=records)
+        model = build_model(args, tokenizer, vae_dir)
+        clock = PhaseClock(model)
+        trainable = sum(p.size for p in model.trainable_parameters())
+        print(f"preset {args.preset}: {trainable / 1e6:.1f}M trainable, {args.resolution} px, batch {args.batch_size}, "
+              f"{args.workers} worker(s), {threads} thread(s)", flush=True)
+        # What is measured: the bare loop as it is, and with the latents cached / the models compiled.
+        variants = {"plain": (dataset(args, model, file_list), False)}
+        data = variants["plain"][0]
         if args.cached:
             from ldm import cache_latents
 
+            start = time.perf_counter()
             cache_latents.main(["--file_list", file_list, "--vae_name_or_path", vae_dir, "--resolution", str(args.resolution),
                                 "--output_dir", os.path.join(tmp, "cache"), "--batch_size", str(args.batch_size)])
-            file_list = os.path.join(tmp, "cache", "train.filelist.list")
-            latent_cache, message, _ = cache_latents.probe_cache(file_list, vae_dir, args.resolution)
+            print(f"cache_latents: {time.perf_counter() - start:.1f} s for {records} records", flush=True)
+            cached_list = os.path.join(tmp, "cache", "train.filelist.list")
+            latent_cache, message, _ = cache_latents.probe_cache(cached_list, vae_dir, args.resolution)
             print(message, flush=True)
-        model, dataset = build(args, file_list, tokenizer, vae_dir, latent_cache)
-        trainable = sum(p.size for p in model.trainable_parameters())
-        print(f"preset {args.preset}: {trainable / 1e6:.1f}M trainable, {args.resolution} px, batch {args.batch_size}, "
-              f"{args.workers} worker(s), {threads} thread(s), latents {'cached' if latent_cache else 'encoded'}"
-              f"{', to_static' if args.to_static else ''}", flush=True)
+            data = dataset(args, model, cached_list, latent_cache)
+        if args.to_static:
+            model.compile_static()
+        name = "+".join(w for w, on in (("cached", args.cached), ("to_static", args.to_static)) if on) or "plain"
+        variants[name] = (data, args.to_static)
 
-        bare = bare_loop(model, dataset, args, total)[args.warmup:]
-        ours = [] if args.skip_trainer else trainer_loop(model, dataset, args, total, os.path.join(tmp, "out"))[args.warmup:]
-        if not args.skip_trainer:
-            bare += bare_loop(model, dataset, args, total)[args.warmup:]
+        # Ours and the bare loop take turns, --rounds times, on the same model and data.
+        bare = {k: [] for k in variants}
+        ours = []
+        for r in range(args.rounds):
+            for k, rows in bare_loop(model, clock, variants, args, total).items():
+                bare[k] += rows
+            if not args.skip_trainer:
+                ours += trainer_loop(model, data, args, total, os.path.join(tmp, f"out{r}"))
 
-    phases = [k for k in ("data", "encode", "ldmbert_fwd", "unet_fwd", "loss_etc", "backward", "optimizer") if k in bare[0]]
-    print("\n| phase (bare loop) | median ms | share of the step |")
+    print(f"\n| phase (bare loop{', ' + name if name != 'plain' else ''}) | median ms | share of the step |")
     print("|---|---|---|")
-    step_ms = median_ms([r["step"] for r in bare])
-    for k in phases:
-        ms = median_ms([r[k] for r in bare])
-        print(f"| {k} | {ms:.1f} | {ms / step_ms:.0%} |")
+    rows = bare[name]
+    step_ms = median_ms([r["step"] for r in rows])
+    for k in ("data", "encode", "ldmbert_fwd", "unet_fwd", "loss_etc", "backward", "optimizer"):
+        if k in rows[0]:
+            ms = median_ms([r[k] for r in rows])
+            print(f"| {k} | {ms:.1f} | {ms / step_ms:.0%} |")
     print(f"| step | {step_ms:.1f} | images/s {1000 * args.batch_size / step_ms:.1f} |")
+    if name != "plain":
+        plain_ms = median_ms([r["step"] for r in bare["plain"]])
+        print(f"\n{name}: bare step {step_ms:.1f} ms ({1000 * args.batch_size / step_ms:.1f} images/s) against plain "
+              f"{plain_ms:.1f} ms ({1000 * args.batch_size / plain_ms:.1f} images/s), speed-up {plain_ms / step_ms:.2f}x")
     if ours:
         ours_ms = median_ms(ours)
-        print(f"\nours (StreamTrainer) images/s {1000 * args.batch_size / ours_ms:.1f}")
+        print(f"\nours (StreamTrainer, {name}) images/s {1000 * args.batch_size / ours_ms:.1f}")
         print(f"train_step: ours {ours_ms:.1f} ms, bare {step_ms:.1f} ms, ratio {ours_ms / step_ms:.2f}")
 
 

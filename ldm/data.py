@@ -664,15 +664,14 @@ class StreamProgress:
     def update(self, batch: dict) -> None:
         """Take the stream's bookkeeping out of a collated batch (so the model never sees it)."""
         self.batches += 1
-        skips, worker, position, error = (batch.pop(k).numpy() for k in ("skips", "worker", "position", "data_error"))
-        for i in range(len(worker)):
+        for state in (json.loads(s) for s in batch.pop(BOOKKEEPING_KEY)):  # host strings: no device read (pack_bookkeeping)
             # Within a batch and across batches a worker's position only grows; keep the last.
-            self.workers[int(worker[i])] = {"position": position[i].tolist(), "skips": skips[i].tolist()}
-            if error[i] and self.fatal is None:
+            self.workers[int(state["worker"])] = {"position": state["position"], "skips": state["skips"]}
+            if state["data_error"] and self.fatal is None:
                 # A sentinel's pixels are resolution x resolution, which names the flag in the message.
                 resolution = self.resolution or int(batch["pixel_values"].shape[-1])
-                self.fatal = (f"nothing to train on: data worker {int(worker[i])} of rank {max(0, current_rank_and_world()[0])} found no usable "
-                              f"record in its share of --file_list: {explain_barren(skips_from_vector(skips[i]), resolution)}")
+                self.fatal = (f"nothing to train on: data worker {state['worker']} of rank {max(0, current_rank_and_world()[0])} found no usable "
+                              f"record in its share of --file_list: {explain_barren(skips_from_vector(state['skips']), resolution)}")
 
     def state_dict(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
@@ -693,6 +692,19 @@ class StreamProgress:
         return {f"skipped_{r}": int(v) for r, v in zip(SKIP_REASONS, total.numpy())}
 
 
+# The stream's per-sample bookkeeping leaves the worker as one JSON string: paddle's DataLoader
+# keeps strings on the host, while arrays become tensors (on a GPU, copied to the device), and
+# reading those back every micro-batch would be a host sync each time.
+BOOKKEEPING_KEY = "stream_state"
+BOOKKEEPING_FIELDS = ("skips", "worker", "position", "data_error")
+
+
+def pack_bookkeeping(sample: dict) -> dict:
+    state = {k: np.asarray(sample.pop(k)).tolist() for k in BOOKKEEPING_FIELDS}
+    sample[BOOKKEEPING_KEY] = json.dumps(state, separators=(",", ":"))
+    return sample
+
+
 def as_paddle_dataset(stream: TextImageStream):
     """Wrap as a paddle.io.IterableDataset (kept apart so this module imports without paddle)."""
     from paddle.io import IterableDataset
@@ -704,7 +716,8 @@ def as_paddle_dataset(stream: TextImageStream):
 
         def __iter__(self):
             try:
-                yield from self.stream
+                for sample in self.stream:
+                    yield pack_bookkeeping(sample)
             except Exception:
                 # Paddle's single-process DataLoader runs this in a thread and waits forever
                 # if it dies; a bug here must end the run loudly instead of hanging it.
