@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, parse_args
 from ldm.checkpoint import CheckpointWriteError, data_position_to_resume, load_checkpoint, save_checkpoint
-from ldm.data import StreamProgress, TextImageStream, as_paddle_dataset
+from ldm.data import StreamProgress, as_paddle_dataset
 from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
-from ldm.model import create_model, decay_parameter_names
+from ldm.model import create_model, create_stream, decay_parameter_names
 from ldm.runtime import (StepAgreement, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup,
                          preserved_rng, require_writable_dir, seed_rank_streams, set_cpu_threads)
 from ldm.validation import Validator, fixed_log_batch
@@ -43,9 +43,7 @@ def main():
     try:
         require_writable_dir(args.output_dir)
         model = create_model(model_args, data_args.resolution, args.seed, args.recompute, recipe_args.recipe())
-        stream = TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
-                                 model_args.caption_dropout, data_args.shuffle_buffer, args.seed,
-                                 parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio)
+        stream = create_stream(model, model_args, data_args, args.seed, args.train_batch_size)
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, args.train_batch_size, args.gradient_accumulation_steps, world_size, args.num_workers, threads, stream)
@@ -81,14 +79,14 @@ def main():
         resume = checkpoint_to_resume(args)
         if resume:
             step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler)
-            saved = data_position_to_resume(resume, rank, data_args.resolution, args.ignore_data_skip)
+            saved = data_position_to_resume(resume, rank, data_args.resolution, args.ignore_data_skip, data_args.aspect_ratio_buckets)
             if saved is not None:
                 stream.resume(saved, args.num_workers)
     except ValueError as e:
         exit_on_bad_input(e)
     progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
-    loader = DataLoader(as_paddle_dataset(stream), batch_size=args.train_batch_size, num_workers=args.num_workers, drop_last=True)
+    loader = DataLoader(as_paddle_dataset(stream), batch_size=stream.loader_batch_size(args.train_batch_size), num_workers=args.num_workers, drop_last=True)
     vdl = RunLogger(os.path.join(args.output_dir, "runs"))
 
     # Train: an endless stream, counted in optimizer steps.

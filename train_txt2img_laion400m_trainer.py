@@ -5,9 +5,9 @@ from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
 from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, parse_args
-from ldm.data import TextImageStream, as_paddle_dataset
+from ldm.data import as_paddle_dataset
 from ldm.ema import maybe_applied
-from ldm.model import create_model
+from ldm.model import create_model, create_stream
 from ldm.runtime import (checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir,
                          set_cpu_threads)
 from ldm.trainer import StreamTrainer
@@ -24,11 +24,7 @@ def main():
     try:
         require_writable_dir(training_args.output_dir)
         model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute, recipe_args.recipe())
-        stream = TextImageStream(
-            data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
-            model_args.caption_dropout, data_args.shuffle_buffer, training_args.seed,
-            parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio,
-        )
+        stream = create_stream(model, model_args, data_args, training_args.seed, training_args.per_device_train_batch_size)
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,

@@ -113,6 +113,10 @@ class DataArguments:
     max_aspect_ratio: Optional[float] = field(
         default=None, metadata={"help": "Skip (and count) images whose longer side is over this many times the shorter; unset keeps every image, centre-cropped."}
     )
+    aspect_ratio_buckets: bool = field(
+        default=False,
+        metadata={"help": "Batches of one aspect-ratio bucket of about --resolution^2 pixels (sides multiples of the autoencoder factor x UNet downsampling, ratios up to --max_aspect_ratio, default 2): each image is resized to cover its bucket and only the excess centre-cropped."},
+    )
 
     def __post_init__(self):
         require_positive(self, "resolution", "shuffle_buffer", "parts_per_window")

@@ -184,10 +184,11 @@ def data_position_file(checkpoint_dir: str, rank: int) -> str:
     return os.path.join(checkpoint_dir, f"data_position_rank{rank}.json")
 
 
-def data_position_to_resume(checkpoint_dir: str, rank: int, resolution: int, ignore_data_skip: bool) -> Optional[dict]:
+def data_position_to_resume(checkpoint_dir: str, rank: int, resolution: int, ignore_data_skip: bool, buckets: bool = False) -> Optional[dict]:
     """The data position saved in a checkpoint, unless this run starts a new pass of the data:
     with --ignore_data_skip, or at a new --resolution (a resolution stage, e.g. 256 px then 512 px:
-    model, optimizer, EMA and step carry on, the data is read afresh at the new size)."""
+    model, optimizer, EMA and step carry on, the data is read afresh at the new size), or when
+    --aspect_ratio_buckets was switched (a bucketed position also holds the records in the queues)."""
     from paddlenlp.utils.log import logger
 
     if ignore_data_skip:
@@ -196,10 +197,14 @@ def data_position_to_resume(checkpoint_dir: str, rank: int, resolution: int, ign
     args_file = os.path.join(checkpoint_dir, "args.json")
     if os.path.isfile(args_file):
         with open(args_file) as f:
-            saved = json.load(f).get("resolution")
+            saved_args = json.load(f)
+        saved = saved_args.get("resolution")
         if saved is not None and int(saved) != resolution:
             logger.info(f"New resolution stage: {checkpoint_dir} was trained at --resolution {saved}, this run trains at {resolution}; "
                         "model, optimizer, EMA and step continue, the data stream starts a new pass")
+            return None
+        if bool(saved_args.get("aspect_ratio_buckets", False)) != buckets:
+            logger.info(f"--aspect_ratio_buckets is {'on' if buckets else 'off'} now, unlike in {checkpoint_dir}: the data stream starts a new pass")
             return None
     return load_data_position(checkpoint_dir, rank)
 

@@ -46,6 +46,8 @@ import numpy as np
 from isal import igzip, isal_zlib
 from PIL import Image, ImageOps
 
+from ldm.buckets import BucketBatcher, choose_bucket, make_buckets, read_lines, stack
+
 # Pillow's decompression-bomb guard stays at its default (~89M pixels): an image
 # larger than that is skipped and counted, never decoded. (The seed raised it to 2.3G.)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -293,16 +295,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def looks_cut(data: bytes, error: Exception) -> bool:
     """Whether a decode error comes from an image whose bytes end early (a half-downloaded file)."""
-    if "truncated" in str(error):  # Pillow's message for JPEG, PNG, GIF, ...
+    if "truncated" in str(error).lower():  # Pillow's messages for JPEG, PNG, GIF, ... ("Truncated File Read" in a JPEG header)
         return True
     # libwebp only says "could not create decoder object"; a RIFF header states the file's size.
     return data[:4] == b"RIFF" and len(data) < int.from_bytes(data[4:8], "little") + 8
 
 
-def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float] = None) -> np.ndarray:
-    """Decode, apply the EXIF orientation, resize the shorter side to `resolution`, centre-crop;
-    CHW uint8 (0..255). Any failure raises Skip, pixel decoding included: Pillow opens lazily and
-    a cut file only fails when its pixels are read (in the resize), so all of it is guarded here."""
+def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float] = None, buckets=None) -> np.ndarray:
+    """Decode, apply the EXIF orientation, resize to cover the target and centre-crop the excess;
+    CHW uint8 (0..255). The target is the square `resolution` x `resolution`, or with `buckets`
+    (ldm.buckets) the bucket nearest the image's aspect ratio; an image that does not cover its
+    target without upscaling is skipped (too_small). Any failure raises Skip, pixel decoding
+    included: Pillow opens lazily and a cut file only fails when its pixels are read (in the
+    resize), so all of it is guarded here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -310,24 +315,26 @@ def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float]
             w, h = image.size
             if w * h > MAX_PIXELS:
                 raise Skip("too_many_pixels", f"{w}x{h} pixels, over Pillow's limit of {MAX_PIXELS}")
-            if min(w, h) < resolution:
-                raise Skip("too_small", f"{w}x{h} pixels, shorter side below --resolution {resolution}")
             if max_aspect_ratio and max(w, h) > max_aspect_ratio * min(w, h):
                 raise Skip("extreme_aspect_ratio", f"{w}x{h} pixels, more elongated than --max_aspect_ratio {max_aspect_ratio}")
+            # Phone photos store their pixels sideways plus an EXIF orientation (5-8: a quarter
+            # turn): the target is chosen for the upright image.
+            upright = (h, w) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+            tw, th = choose_bucket(*upright, buckets) if buckets else (resolution, resolution)
+            if upright[0] < tw or upright[1] < th:
+                raise Skip("too_small", f"{w}x{h} pixels, smaller than the {tw}x{th} crop at --resolution {resolution}")
             # JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is
             # much smaller than the image; Pillow keeps the result >= the requested size.
-            scale = resolution / min(w, h)
+            scale = max(tw / upright[0], th / upright[1])
             image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            # Phone photos store their pixels sideways plus an EXIF orientation: turn them upright
-            # before cropping (a quarter turn keeps the shorter side, so the checks above stand).
-            ImageOps.exif_transpose(image, in_place=True)
+            ImageOps.exif_transpose(image, in_place=True)  # upright before the crop
             image = to_rgb(image)
             w, h = image.size
-            scale = resolution / min(w, h)
-            new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-            left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+            scale = max(tw / w, th / h)
+            new_w, new_h = max(tw, round(w * scale)), max(th, round(h * scale))
+            left, top = (new_w - tw) // 2, (new_h - th) // 2
             image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
-            image = image.crop((left, top, left + resolution, top + resolution))
+            image = image.crop((left, top, left + tw, top + th))
             # uint8 CHW: a quarter of float32's bytes through the workers' shared memory and the
             # collation; the model maps it to [-1, 1] on its device (ldm.model.to_model_range).
             return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
@@ -545,6 +552,9 @@ class TextImageStream:
         world_size: Optional[int] = None,
         parts_per_window: int = PARTS_PER_WINDOW,
         max_aspect_ratio: Optional[float] = None,
+        aspect_ratio_buckets: bool = False,
+        bucket_step: int = 64,
+        batch_size: int = 1,
     ):
         self.entries = read_file_list(file_list)
         self.resolution = resolution
@@ -555,6 +565,10 @@ class TextImageStream:
         self.seed = seed
         self.parts_per_window = parts_per_window
         self.max_aspect_ratio = max_aspect_ratio
+        # With aspect-ratio buckets (ldm.buckets) each worker yields whole batches of one bucket,
+        # so the DataLoader must not batch again (`loader_batch_size`).
+        self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio) if aspect_ratio_buckets else None
+        self.batch_size = batch_size
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -563,6 +577,10 @@ class TextImageStream:
             from ldm.tokenizer import CaptionEncoder
 
             self.encode_caption = CaptionEncoder(tokenizer, max_length)
+
+    def loader_batch_size(self, batch_size: int):
+        """batch_size for paddle.io.DataLoader: None when the stream yields whole (bucketed) batches."""
+        return None if self.buckets else batch_size
 
     def resume(self, state: dict, num_workers: int) -> None:
         """Continue from a position saved by the trainer (see ldm.trainer.StreamProgress).
@@ -577,13 +595,14 @@ class TextImageStream:
 
     def shard_stream(self, worker: int, num_workers: int, passes: Optional[int] = None) -> ShardStream:
         shard = self.rank * num_workers + worker
-        state, skips = None, None
+        state, skips, carry = None, None, []
         if self.resume_state is not None:
             saved = self.resume_state["workers"].get(str(worker))
             if saved is not None:
-                state, skips = saved["position"], saved["skips"]
+                state, skips, carry = saved["position"], saved["skips"], saved.get("carry", [])
         stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes)
         stream.skips.where = f"rank {self.rank} worker {worker}"
+        stream.carry = carry  # bucketed records read but not yet yielded (ldm.buckets)
         if skips is not None:
             stream.skips.update(skips_from_vector(skips))
         return stream
@@ -603,7 +622,7 @@ class TextImageStream:
                 caption, data, reason = parse_line(rec.raw)
                 if reason is not None:
                     raise Skip(reason, "not 3 tab-separated UTF-8 columns" if reason == "short_line" else "column 3 is not base64")
-                pixels = decode_image(data, self.resolution, self.max_aspect_ratio)
+                pixels = decode_image(data, self.resolution, self.max_aspect_ratio, self.buckets)
             except Skip as e:
                 stream.skips.skip(e.reason, rec.part, rec.line, str(e))
                 skipped += 1
@@ -613,7 +632,8 @@ class TextImageStream:
                 continue
             stream.used(rec.list_index)
             any_yield = True
-            yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, "pixel_values": pixels}
+            yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, "pixel_values": pixels,
+                   "draw": int(stream.state[0])}
 
     def __iter__(self):
         loader_worker, num_workers = _worker()
@@ -623,24 +643,59 @@ class TextImageStream:
         offset = 0 if self.resume_state is None else int(self.resume_state["batches"]) % num_workers
         worker = (loader_worker + offset) % num_workers
         stream = self.shard_stream(worker, num_workers)
-        for rec in self.records(stream):
-            sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker),
-                      "position": stream.state.copy(), "data_error": np.int64(0)}
-            if self.tokenizer is not None:
-                # Caption dropout for classifier-free guidance, seeded by the record's place in the stream.
-                drop = np.random.default_rng([self.seed, stream.shard, int(stream.state[0]), 3]).random() < self.caption_dropout
-                sample["input_ids"] = self.encode_caption("" if drop else rec["caption"])
-            yield sample
+        if self.buckets:
+            yield from self._bucketed_batches(stream, worker)
+        else:
+            for rec in self.records(stream):
+                yield self._sample(rec, stream, worker)
         # Only a barren shard gets here (the stream is endless). Exiting this worker would leave
         # the other ranks waiting in the gradient all-reduce; instead send sentinels, which make
         # StreamProgress.fatal say why, and the training loops stop on every rank at one step.
         log(f"{stream.skips.where} has nothing to train on: {explain_barren(stream.skips, self.resolution)}; stopping the run")
         while True:
-            sample = {"pixel_values": np.zeros((3, self.resolution, self.resolution), np.uint8), "skips": stream.skips.as_vector(),
-                      "worker": np.int64(worker), "position": stream.state.copy(), "data_error": np.int64(1)}
+            sentinel = {"pixel_values": np.zeros((3, self.resolution, self.resolution), np.uint8), "skips": stream.skips.as_vector(),
+                        "worker": np.int64(worker), "position": stream.state.copy(), "data_error": np.int64(1)}
             if self.tokenizer is not None:
-                sample["input_ids"] = np.full(self.max_length, self.tokenizer.pad_token_id, dtype="int64")
-            yield sample
+                sentinel["input_ids"] = np.full(self.max_length, self.tokenizer.pad_token_id, dtype="int64")
+            yield self._batch([sentinel] * self.batch_size, []) if self.buckets else sentinel
+
+    def _sample(self, rec: dict, stream: ShardStream, worker: int) -> dict:
+        """A training sample with the stream's bookkeeping as it stands after this record."""
+        sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker),
+                  "position": stream.state.copy(), "data_error": np.int64(0)}
+        if self.tokenizer is not None:
+            # Caption dropout for classifier-free guidance, seeded by the record's place in the stream.
+            drop = np.random.default_rng([self.seed, stream.shard, rec["draw"], 3]).random() < self.caption_dropout
+            sample["input_ids"] = self.encode_caption("" if drop else rec["caption"])
+        return sample
+
+    def _bucketed_batches(self, stream: ShardStream, worker: int) -> Iterator[dict]:
+        """Whole batches of one aspect-ratio bucket each (ldm.buckets), with the carry in the position."""
+        batcher = BucketBatcher(self.batch_size)
+        # A resumed worker first refills its queues with the records it had read but not yielded
+        # (a smaller --per_device_train_batch_size than before may already fill some).
+        lines = read_lines((part, line) for part, line, _ in stream.carry)
+        for part, line, draw in stream.carry:
+            caption, data, reason = parse_line(lines.get((part, line), b""))
+            if reason is None:
+                rec = {"part": part, "line": line, "caption": caption, "draw": draw,
+                       "pixel_values": decode_image(data, self.resolution, self.max_aspect_ratio, self.buckets)}
+                full = batcher.add(self._sample(rec, stream, worker), [part, line, draw])
+                if full is not None:
+                    yield self._batch(full, batcher.carry())
+        for rec in self.records(stream):
+            full = batcher.add(self._sample(rec, stream, worker), [rec["part"], rec["line"], rec["draw"]])
+            if full is not None:
+                yield self._batch(full, batcher.carry())
+
+    @staticmethod
+    def _batch(samples: List[dict], carry: list) -> dict:
+        """Stacked samples; the bookkeeping is the stream's after the last of them, plus the carry."""
+        bookkeeping = ("skips", "worker", "position", "data_error")
+        batch = stack([{k: v for k, v in s.items() if k not in bookkeeping} for s in samples])
+        batch.update({k: samples[-1][k] for k in bookkeeping}, carry=carry)
+        return batch
+
 
 class StreamProgress:
     """Where each dataloader worker's stream stood after the last consumed sample, and its skips.
@@ -664,9 +719,12 @@ class StreamProgress:
     def update(self, batch: dict) -> None:
         """Take the stream's bookkeeping out of a collated batch (so the model never sees it)."""
         self.batches += 1
-        for state in (json.loads(s) for s in batch.pop(BOOKKEEPING_KEY)):  # host strings: no device read (pack_bookkeeping)
+        states = batch.pop(BOOKKEEPING_KEY)  # host strings: no device read (pack_bookkeeping)
+        for state in (json.loads(s) for s in ([states] if isinstance(states, str) else states)):  # (a bucketed batch has one)
             # Within a batch and across batches a worker's position only grows; keep the last.
             self.workers[int(state["worker"])] = {"position": state["position"], "skips": state["skips"]}
+            if "carry" in state:
+                self.workers[int(state["worker"])]["carry"] = state["carry"]
             if state["data_error"] and self.fatal is None:
                 # A sentinel's pixels are resolution x resolution, which names the flag in the message.
                 resolution = self.resolution or int(batch["pixel_values"].shape[-1])
@@ -701,6 +759,8 @@ BOOKKEEPING_FIELDS = ("skips", "worker", "position", "data_error")
 
 def pack_bookkeeping(sample: dict) -> dict:
     state = {k: np.asarray(sample.pop(k)).tolist() for k in BOOKKEEPING_FIELDS}
+    if "carry" in sample:  # a bucketed batch (ldm.buckets): the records waiting in its worker's queues
+        state["carry"] = sample.pop("carry")
     sample[BOOKKEEPING_KEY] = json.dumps(state, separators=(",", ":"))
     return sample
 
@@ -734,10 +794,11 @@ def as_paddle_dataset(stream: TextImageStream):
 
 
 def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=sys.stdout,
-                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None):
+                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None, aspect_ratio_buckets=False, bucket_step=64):
     """Print the pass-0 records of each of the rank's workers; return the number read and summed skip counts."""
     stream = TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size,
-                             parts_per_window=parts_per_window, max_aspect_ratio=max_aspect_ratio)
+                             parts_per_window=parts_per_window, max_aspect_ratio=max_aspect_ratio,
+                             aspect_ratio_buckets=aspect_ratio_buckets, bucket_step=bucket_step)
     total = SkipCounter()
     read = 0
     for worker in range(num_workers):
@@ -761,17 +822,20 @@ def main(argv=None):
     parser.add_argument("--buffer_size", type=int, default=1000, help="Lines read and shuffled together (--shuffle_buffer of the training scripts).")
     parser.add_argument("--parts_per_window", type=int, default=PARTS_PER_WINDOW, help="Parts each worker reads side by side into one shuffle window.")
     parser.add_argument("--max_aspect_ratio", type=float, default=None, help="Skip images whose longer side is over this many times the shorter; unset keeps all.")
+    parser.add_argument("--aspect_ratio_buckets", action="store_true", help="Crop each image to the aspect-ratio bucket nearest its own (width/height report the bucket).")
+    parser.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (the autoencoder factor x the UNet's downsampling: 64 for ldm_32l).")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")
-    for flag in ("resolution", "buffer_size", "parts_per_window"):
+    for flag in ("resolution", "buffer_size", "parts_per_window", "bucket_step"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
     if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
         parser.error(f"--max_aspect_ratio must be >= 1 (longer side over shorter), got {args.max_aspect_ratio}")
     try:
         read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed,
-                                   args.buffer_size, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio)
+                                   args.buffer_size, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio,
+                                   aspect_ratio_buckets=args.aspect_ratio_buckets, bucket_step=args.bucket_step)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

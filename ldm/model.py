@@ -507,6 +507,18 @@ def decay_parameter_names(model) -> set:
     return {p.name for n, p in model.named_parameters() if not any(nd in n for nd in ("bias", "norm"))}
 
 
+def create_stream(model: "LatentDiffusionModel", model_args, data_args, seed: int, batch_size: int):
+    """The data stream both stage-2 scripts train on (ldm.data.TextImageStream), for this model."""
+    from ldm.data import TextImageStream
+
+    # Buckets' sides must survive the autoencoder's and the UNet's downsampling without padding.
+    bucket_step = model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    return TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
+                           model_args.caption_dropout, data_args.shuffle_buffer, seed, parts_per_window=data_args.parts_per_window,
+                           max_aspect_ratio=data_args.max_aspect_ratio, aspect_ratio_buckets=data_args.aspect_ratio_buckets,
+                           bucket_step=bucket_step, batch_size=batch_size)
+
+
 def create_model(model_args, resolution: int, seed: int, recompute: bool = False, recipe: Optional[Recipe] = None) -> LatentDiffusionModel:
     """The model both training scripts train: from a pipeline directory, or from scratch."""
     from ldm.args import resolve_tokenizer

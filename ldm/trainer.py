@@ -63,7 +63,7 @@ class StreamTrainer(Trainer):
         # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
         # RNG state ourselves before the first step (the Trainer only does so when it skips).
         stream = self.train_dataset.stream
-        saved = data_position_to_resume(resume_from, rank, stream.resolution, self.args.ignore_data_skip) if resume_from else None
+        saved = data_position_to_resume(resume_from, rank, stream.resolution, self.args.ignore_data_skip, bool(stream.buckets)) if resume_from else None
         if saved is not None:
             stream.resume(saved, self.args.dataloader_num_workers)
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
@@ -86,7 +86,7 @@ class StreamTrainer(Trainer):
     def get_train_dataloader(self):
         return DataLoader(
             self.train_dataset,
-            batch_size=self.args.per_device_train_batch_size,
+            batch_size=self.train_dataset.stream.loader_batch_size(self.args.per_device_train_batch_size),  # None: the stream yields whole (bucketed) batches
             num_workers=self.args.dataloader_num_workers,
             drop_last=True,
         )
