@@ -43,6 +43,8 @@ def main():
     try:
         require_writable_dir(args.output_dir)
         model = create_model(model_args, data_args.resolution, args.seed, args.recompute, recipe_args.recipe())
+        if args.to_static:
+            model.compile_static()  # UNet and LDMBert through paddle.jit.to_static
         stream = create_stream(model, model_args, data_args, args.seed, args.train_batch_size)
     except ValueError as e:
         exit_on_bad_input(e)
@@ -112,7 +114,7 @@ def main():
             scaled = loss / args.gradient_accumulation_steps
             (scaler.scale(scaled) if scaler else scaled).backward()
         step_loss = step_loss + paddle.nan_to_num(loss.detach().astype("float32"), nan=0.0, posinf=0.0, neginf=0.0)
-        interval_images += batch["pixel_values"].shape[0] * world_size
+        interval_images += batch["input_ids"].shape[0] * world_size
         if not last_micro:
             continue
         if world_size > 1 and args.recompute:

@@ -24,6 +24,11 @@ def main():
     try:
         require_writable_dir(training_args.output_dir)
         model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute, recipe_args.recipe())
+        if training_args.to_static:
+            # UNet and LDMBert only: the Trainer's own --to_static would convert the whole step
+            # (frozen encoder, random draws) as one graph, so it is told not to.
+            model.compile_static()
+            training_args.to_static = False
         stream = create_stream(model, model_args, data_args, training_args.seed, training_args.per_device_train_batch_size)
     except ValueError as e:
         exit_on_bad_input(e)

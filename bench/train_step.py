@@ -1,7 +1,7 @@
 """Time per optimizer step: our Trainer's step against a bare Paddle loop, same model, batch and data.
 
     python bench/train_step.py [--preset tiny] [--resolution 32] [--batch_size 8] [--steps 12] [--warmup 3]
-                               [--workers 1] [--rounds 2] [--cached] [--to_static]
+                               [--workers 1] [--cached] [--to_static]
 
 Builds the preset from scratch (random autoencoder from config/PRESET/vae.json, tokenizer and
 shapes data generated into a temporary directory; nothing downloaded), then in one process:
@@ -11,10 +11,10 @@ shapes data generated into a temporary directory; nothing downloaded), then in o
            backward (UNet and LDMBert) and optimizer, timed by forward hooks;
   * ours:  train_txt2img_laion400m_trainer.py's StreamTrainer (PaddleNLP Trainer) on the same
            model and data, its step timed from one optimizer step's end to the next (data wait included).
-The two take turns --rounds times, so a change of load on a shared machine hits both alike; each
-figure is the median over the steps after --warmup. `--cached` runs ldm.cache_latents on the data and
+The two take turns step by step (the bare steps run in the Trainer's step-end callback), so a change
+of load on a shared machine hits both alike; each figure is the median over the steps after --warmup. `--cached` runs ldm.cache_latents on the data and
 trains from the moments, `--to_static` compiles UNet and LDMBert (ldm.model.compile_static); the bare
-loop then also runs the plain way, taking turns step by step, and the speed-up is printed.
+loop then also runs the plain way in the same turns, and the speed-up is printed.
 Last line: `train_step: ours N ms, bare M ms, ratio R`.
 """
 import argparse
@@ -91,66 +91,77 @@ class PhaseClock:
         return out
 
 
-def bare_loop(model, clock, variants, args, steps):
-    """The plainest Paddle loop over the same model: per-step phase times for each variant
-    {name: (dataset, to_static on?)}, the variants taking turns step by step so that a change of
-    load on a shared machine hits them alike."""
-    import paddle
-    from paddle.io import DataLoader
+class BareLoop:
+    """The plainest Paddle loop over the same model, one step at a time, for each variant
+    {name: (dataset, to_static on?)}: `loss = model(**batch); loss.backward(); opt.step(); opt.clear_grad()`,
+    each step split into phases."""
 
-    from ldm.data import BOOKKEEPING_KEY
-    from ldm.model import decay_parameter_names
+    def __init__(self, model, clock, variants, args):
+        import paddle
+        from paddle.io import DataLoader
 
-    decay = decay_parameter_names(model)
-    optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.trainable_parameters(), weight_decay=0.02,
-                                       apply_decay_param_fun=lambda name: name in decay)
-    loaders = {name: iter(DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, drop_last=True))
-               for name, (data, _) in variants.items()}
-    model.train()
-    rows = {name: [] for name in variants}
-    for _ in range(steps):
-        for name, (_, static) in variants.items():
-            paddle.jit.enable_to_static(static)  # compiled layers run eagerly when off
-            clock.times = {}
-            t0 = time.perf_counter()
-            batch = next(loaders[name])
-            batch.pop(BOOKKEEPING_KEY)
-            t1 = time.perf_counter()
-            loss = model(**batch)
-            t2 = time.perf_counter()
-            loss.backward()
-            t3 = time.perf_counter()
-            optimizer.step()
-            optimizer.clear_grad()
-            t4 = time.perf_counter()
-            phases = dict(clock.times)
-            rows[name].append({"data": t1 - t0, **phases, "loss_etc": (t2 - t1) - sum(phases.values()), "backward": t3 - t2,
-                               "optimizer": t4 - t3, "step": t4 - t0})
-    paddle.jit.enable_to_static(True)
-    return {name: r[args.warmup:] for name, r in rows.items()}
+        from ldm.model import decay_parameter_names
+
+        decay = decay_parameter_names(model)
+        self.optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.trainable_parameters(), weight_decay=0.02,
+                                                apply_decay_param_fun=lambda name: name in decay)
+        self.model, self.clock, self.variants = model, clock, variants
+        self.loaders = {name: iter(DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, drop_last=True))
+                        for name, (data, _) in variants.items()}
+        self.rows = {name: [] for name in variants}
+
+    def step(self, name):
+        import paddle
+
+        paddle.jit.enable_to_static(self.variants[name][1])  # compiled layers run eagerly when off
+        self.model.train()
+        self.clock.times = {}
+        t0 = time.perf_counter()
+        batch = next(self.loaders[name])
+        for key in ("skips", "worker", "position", "data_error"):
+            batch.pop(key)
+        t1 = time.perf_counter()
+        loss = self.model(**batch)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        self.optimizer.step()
+        self.optimizer.clear_grad()
+        t4 = time.perf_counter()
+        paddle.jit.enable_to_static(True)
+        phases = dict(self.clock.times)
+        self.rows[name].append({"data": t1 - t0, **phases, "loss_etc": (t2 - t1) - sum(phases.values()), "backward": t3 - t2,
+                                "optimizer": t4 - t3, "step": t4 - t0})
 
 
-def trainer_loop(model, data, args, steps, out_dir):
-    """Our StreamTrainer for `steps` optimizer steps; the time between consecutive step ends."""
+def interleaved(model, data, bare, args, steps, out_dir):
+    """Our StreamTrainer for `steps` optimizer steps, with one step of each bare variant run right
+    after each of ours (in the Trainer's step-end callback), so that both see the same load.
+    Ours is timed from the end of the bare steps to the Trainer's next step end (data wait included)."""
     from paddlenlp.trainer import TrainerCallback
 
     from ldm.args import LDMTrainingArguments
     from ldm.trainer import StreamTrainer
 
-    ends = []
+    ours = []
+    mark = [0.0]
 
-    class StepEnds(TrainerCallback):
+    class TakeTurns(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            mark[0] = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            ours.append(time.perf_counter() - mark[0])
+            for name in bare.variants:
+                bare.step(name)
+            mark[0] = time.perf_counter()
 
     training_args = LDMTrainingArguments(output_dir=out_dir, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
                                          weight_decay=0.02, max_steps=steps, logging_steps=10**9, save_steps=10**9,
                                          image_logging_steps=0, dataloader_num_workers=args.workers, seed=23, max_grad_norm=-1,
                                          lr_scheduler_type="constant", disable_tqdm=True, report_to=["none"])
-    trainer = StreamTrainer(model=model, args=training_args, train_dataset=data, callbacks=[StepEnds()])
-    start = time.perf_counter()
-    trainer.train()
-    return [b - a for a, b in zip([start] + ends[:-1], ends)][args.warmup:]
+    StreamTrainer(model=model, args=training_args, train_dataset=data, callbacks=[TakeTurns()]).train()
+    return ours[args.warmup:]
 
 
 def median_ms(values):
@@ -162,14 +173,13 @@ def main():
     parser.add_argument("--preset", default="tiny", help="config/ preset: tiny, ldm_12l or ldm_32l.")
     parser.add_argument("--resolution", type=int, default=32, help="Training crop side in pixels.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per step.")
-    parser.add_argument("--steps", type=int, default=12, help="Timed steps per loop (after the warm-up).")
+    parser.add_argument("--steps", type=int, default=16, help="Timed steps per loop (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=3, help="Steps run before timing starts.")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0: read in the training process).")
     parser.add_argument("--cached", action="store_true", help="Train from latents cached by ldm.cache_latents (no encoder run); "
                         "the bare loop also runs on the encoded data, step for step, for the speed-up.")
     parser.add_argument("--to_static", action="store_true", help="Compile UNet and LDMBert with paddle.jit.to_static (SOT); "
                         "the bare loop also runs eagerly, step for step, for the speed-up.")
-    parser.add_argument("--rounds", type=int, default=2, help="Times the bare loop and ours take turns.")
     parser.add_argument("--skip_trainer", action="store_true", help="Only the bare loop and its breakdown.")
     args = parser.parse_args()
 
@@ -208,14 +218,16 @@ def main():
         name = "+".join(w for w, on in (("cached", args.cached), ("to_static", args.to_static)) if on) or "plain"
         variants[name] = (data, args.to_static)
 
-        # Ours and the bare loop take turns, --rounds times, on the same model and data.
-        bare = {k: [] for k in variants}
-        ours = []
-        for r in range(args.rounds):
-            for k, rows in bare_loop(model, clock, variants, args, total).items():
-                bare[k] += rows
-            if not args.skip_trainer:
-                ours += trainer_loop(model, data, args, total, os.path.join(tmp, f"out{r}"))
+        # Ours and the bare loop take turns step by step, on the same model and data.
+        bare = BareLoop(model, clock, variants, args)
+        if args.skip_trainer:
+            for _ in range(total):
+                for k in variants:
+                    bare.step(k)
+            ours = []
+        else:
+            ours = interleaved(model, data, bare, args, total, os.path.join(tmp, "out"))
+        bare = {k: rows[args.warmup:] for k, rows in bare.rows.items()}
 
     print(f"\n| phase (bare loop{', ' + name if name != 'plain' else ''}) | median ms | share of the step |")
     print("|---|---|---|")

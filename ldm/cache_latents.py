@@ -158,6 +158,18 @@ def probe_cache(file_list: str, vae_dir: str, resolution: int) -> Tuple[Optional
     return LatentCache(prefix, shape), f"Latents: sampled from the moments cached in column 4 (autoencoder {fingerprint}, {resolution} px, {CROP} crop); the encoder does not run", False
 
 
+def latent_cache_for_run(file_list: str, model_args, resolution: int, aspect_ratio_buckets: bool = False) -> Optional[LatentCache]:
+    """The cache a training run reads its latents from (None: it encodes), said in the start-up log."""
+    from paddlenlp.utils.log import logger
+
+    cache, message, warning = probe_cache(file_list, vae_directory(model_args), resolution)
+    if cache is not None and aspect_ratio_buckets:
+        # The moments are of the square centre crop; a bucket crops another rectangle.
+        cache, message, warning = None, "Latents: encoded by the autoencoder every step: --aspect_ratio_buckets crops other than the cached square centre crop", True
+    (logger.warning if warning else logger.info)(message)
+    return cache
+
+
 # ---------------------------------------------------------------------------
 # Writing the cache
 # ---------------------------------------------------------------------------

@@ -66,6 +66,7 @@ SKIP_REASONS = (
     "empty_part",  # a part with no line at all (0 bytes, or an empty gzip)
     "not_gzip",  # a part named .gz whose bytes are not gzip
     "extreme_aspect_ratio",  # longer side over --max_aspect_ratio times the shorter
+    "not_cached",  # training from cached latents, and column 4 holds none for this autoencoder and resolution
 )
 
 # Default of --parts_per_window: units read side by side into each shuffle window.
@@ -128,6 +129,7 @@ LIKELY_CAUSES = {
     "empty_part": "its parts are empty",
     "not_gzip": "its parts named .gz are not gzip files",
     "extreme_aspect_ratio": "every image was more elongated than --max_aspect_ratio",
+    "not_cached": "its parts carry no moments of this autoencoder at this --resolution: re-run python -m ldm.cache_latents on them",
 }
 
 
@@ -555,6 +557,7 @@ class TextImageStream:
         aspect_ratio_buckets: bool = False,
         bucket_step: int = 64,
         batch_size: int = 1,
+        latent_cache=None,
     ):
         self.entries = read_file_list(file_list)
         self.resolution = resolution
@@ -569,6 +572,8 @@ class TextImageStream:
         # so the DataLoader must not batch again (`loader_batch_size`).
         self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio) if aspect_ratio_buckets else None
         self.batch_size = batch_size
+        # ldm.cache_latents.LatentCache: samples carry the cached moments ("latent_moments") instead of pixels
+        self.latent_cache = latent_cache
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
@@ -619,10 +624,7 @@ class TextImageStream:
             if len(stream.barren) == len(self.entries):
                 return
             try:
-                caption, data, reason = parse_line(rec.raw)
-                if reason is not None:
-                    raise Skip(reason, "not 3 tab-separated UTF-8 columns" if reason == "short_line" else "column 3 is not base64")
-                pixels = decode_image(data, self.resolution, self.max_aspect_ratio, self.buckets)
+                caption, key, value = self.decode(rec.raw)
             except Skip as e:
                 stream.skips.skip(e.reason, rec.part, rec.line, str(e))
                 skipped += 1
@@ -632,8 +634,30 @@ class TextImageStream:
                 continue
             stream.used(rec.list_index)
             any_yield = True
-            yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, "pixel_values": pixels,
+            yield {"part": rec.part, "line": rec.line, "pass": rec.pass_index, "list": rec.list_index, "caption": caption, key: value,
                    "draw": int(stream.state[0])}
+
+    def decode(self, raw: bytes) -> Tuple[str, str, np.ndarray]:
+        """(caption, sample key, array) of a raw line, or raise Skip: the decoded image as
+        "pixel_values"; with a latent cache, the moments in column 4 as "latent_moments" (no image
+        decode: ldm.cache_latents decoded and checked it, and noted its size for --max_aspect_ratio)."""
+        if self.latent_cache is not None:
+            from ldm.cache_latents import cached_record
+
+            cached = cached_record(raw, self.latent_cache.prefix.encode())
+            if cached is not None:
+                caption, moments, (w, h) = cached
+                if self.max_aspect_ratio and max(w, h) > self.max_aspect_ratio * min(w, h):
+                    raise Skip("extreme_aspect_ratio", f"{w}x{h} pixels, more elongated than --max_aspect_ratio {self.max_aspect_ratio}")
+                return caption, "latent_moments", moments
+        caption, data, reason = parse_line(raw)
+        if reason is not None:
+            raise Skip(reason, "not 3 tab-separated UTF-8 columns" if reason == "short_line" else "column 3 is not base64")
+        pixels = decode_image(data, self.resolution, self.max_aspect_ratio, self.buckets)
+        if self.latent_cache is not None:
+            # A usable image without moments: one batch cannot mix moments and pixels.
+            raise Skip("not_cached", f"column 4 holds no moments starting {self.latent_cache.prefix!r}")
+        return caption, "pixel_values", pixels
 
     def __iter__(self):
         loader_worker, num_workers = _worker()
@@ -653,7 +677,9 @@ class TextImageStream:
         # StreamProgress.fatal say why, and the training loops stop on every rank at one step.
         log(f"{stream.skips.where} has nothing to train on: {explain_barren(stream.skips, self.resolution)}; stopping the run")
         while True:
-            sentinel = {"pixel_values": np.zeros((3, self.resolution, self.resolution), np.uint8), "skips": stream.skips.as_vector(),
+            blank = (("latent_moments", np.zeros(self.latent_cache.shape, np.float16)) if self.latent_cache is not None else
+                     ("pixel_values", np.zeros((3, self.resolution, self.resolution), np.uint8)))
+            sentinel = {blank[0]: blank[1], "skips": stream.skips.as_vector(),
                         "worker": np.int64(worker), "position": stream.state.copy(), "data_error": np.int64(1)}
             if self.tokenizer is not None:
                 sentinel["input_ids"] = np.full(self.max_length, self.tokenizer.pad_token_id, dtype="int64")
@@ -661,7 +687,8 @@ class TextImageStream:
 
     def _sample(self, rec: dict, stream: ShardStream, worker: int) -> dict:
         """A training sample with the stream's bookkeeping as it stands after this record."""
-        sample = {"pixel_values": rec["pixel_values"], "skips": stream.skips.as_vector(), "worker": np.int64(worker),
+        key = "latent_moments" if "latent_moments" in rec else "pixel_values"
+        sample = {key: rec[key], "skips": stream.skips.as_vector(), "worker": np.int64(worker),
                   "position": stream.state.copy(), "data_error": np.int64(0)}
         if self.tokenizer is not None:
             # Caption dropout for classifier-free guidance, seeded by the record's place in the stream.
@@ -727,7 +754,7 @@ class StreamProgress:
                 self.workers[int(state["worker"])]["carry"] = state["carry"]
             if state["data_error"] and self.fatal is None:
                 # A sentinel's pixels are resolution x resolution, which names the flag in the message.
-                resolution = self.resolution or int(batch["pixel_values"].shape[-1])
+                resolution = self.resolution or (int(batch["pixel_values"].shape[-1]) if "pixel_values" in batch else None)
                 self.fatal = (f"nothing to train on: data worker {state['worker']} of rank {max(0, current_rank_and_world()[0])} found no usable "
                               f"record in its share of --file_list: {explain_barren(skips_from_vector(state['skips']), resolution)}")
 

@@ -508,7 +508,10 @@ def decay_parameter_names(model) -> set:
 
 
 def create_stream(model: "LatentDiffusionModel", model_args, data_args, seed: int, batch_size: int):
-    """The data stream both stage-2 scripts train on (ldm.data.TextImageStream), for this model."""
+    """The data stream both stage-2 scripts train on (ldm.data.TextImageStream), for this model:
+    latents from the moments ldm.cache_latents put in the parts when they fit this autoencoder and
+    resolution (the start-up log says which), else images the model encodes."""
+    from ldm.cache_latents import latent_cache_for_run
     from ldm.data import TextImageStream
 
     # Buckets' sides must survive the autoencoder's and the UNet's downsampling without padding.
@@ -516,7 +519,8 @@ def create_stream(model: "LatentDiffusionModel", model_args, data_args, seed: in
     return TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
                            model_args.caption_dropout, data_args.shuffle_buffer, seed, parts_per_window=data_args.parts_per_window,
                            max_aspect_ratio=data_args.max_aspect_ratio, aspect_ratio_buckets=data_args.aspect_ratio_buckets,
-                           bucket_step=bucket_step, batch_size=batch_size)
+                           bucket_step=bucket_step, batch_size=batch_size,
+                           latent_cache=latent_cache_for_run(data_args.file_list, model_args, data_args.resolution, data_args.aspect_ratio_buckets))
 
 
 def create_model(model_args, resolution: int, seed: int, recompute: bool = False, recipe: Optional[Recipe] = None) -> LatentDiffusionModel:
