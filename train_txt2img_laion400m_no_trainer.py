@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, parse_args
 from ldm.checkpoint import CheckpointWriteError, data_position_to_resume, load_checkpoint, save_checkpoint
-from ldm.data import StreamProgress, as_paddle_dataset
+from ldm.data import StreamProgress, as_paddle_dataset, init_worker
 from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
 from ldm.model import create_model, create_stream, decay_parameter_names
@@ -36,7 +36,7 @@ def main():
     world_size, rank = dist.get_world_size(), max(0, dist.get_rank())
     if world_size > 1:
         dist.init_parallel_env()
-    threads = set_cpu_threads(args.num_threads)
+    threads = set_cpu_threads(args.num_threads, args.num_workers)  # the cores the data workers leave
     set_seed(args.seed)  # the same on every rank: identical initial weights
 
     # Create model and data (bad paths stop here, before any training):
@@ -88,7 +88,8 @@ def main():
         exit_on_bad_input(e)
     progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
-    loader = DataLoader(as_paddle_dataset(stream), batch_size=stream.loader_batch_size(args.train_batch_size), num_workers=args.num_workers, drop_last=True)
+    loader = DataLoader(as_paddle_dataset(stream), batch_size=stream.loader_batch_size(args.train_batch_size), num_workers=args.num_workers,
+                        drop_last=True, worker_init_fn=init_worker)
     vdl = RunLogger(os.path.join(args.output_dir, "runs"))
 
     # Train: an endless stream, counted in optimizer steps.

@@ -17,7 +17,7 @@ from ldm.validation import Validator, fixed_log_batch
 def main():
     # Parse arguments:
     model_args, data_args, recipe_args, training_args = parse_args(ModelArguments, DataArguments, RecipeArguments, LDMTrainingArguments)
-    threads = set_cpu_threads(training_args.num_threads)
+    threads = set_cpu_threads(training_args.num_threads, training_args.dataloader_num_workers)  # the cores the data workers leave
     set_seed(training_args.seed)
 
     # Create model and data (bad paths stop here, before any training):

@@ -113,13 +113,14 @@ class BareLoop:
     def step(self, name):
         import paddle
 
+        from ldm.data import BOOKKEEPING_KEY
+
         paddle.jit.enable_to_static(self.variants[name][1])  # compiled layers run eagerly when off
         self.model.train()
         self.clock.times = {}
         t0 = time.perf_counter()
         batch = next(self.loaders[name])
-        for key in ("skips", "worker", "position", "data_error"):
-            batch.pop(key)
+        batch.pop(BOOKKEEPING_KEY)  # the stream's position and skips (StreamProgress reads them in ours)
         t1 = time.perf_counter()
         loss = self.model(**batch)
         t2 = time.perf_counter()
@@ -180,6 +181,7 @@ def main():
                         "the bare loop also runs on the encoded data, step for step, for the speed-up.")
     parser.add_argument("--to_static", action="store_true", help="Compile UNet and LDMBert with paddle.jit.to_static (SOT); "
                         "the bare loop also runs eagerly, step for step, for the speed-up.")
+    parser.add_argument("--threads", type=int, default=0, help="Paddle CPU threads of the training process (0: ldm.runtime.set_cpu_threads' choice).")
     parser.add_argument("--skip_trainer", action="store_true", help="Only the bare loop and its breakdown.")
     args = parser.parse_args()
 
@@ -189,7 +191,7 @@ def main():
 
     logger.set_level("WARNING")  # the Trainer's argument dump would bury the table
 
-    threads = set_cpu_threads(0)
+    threads = set_cpu_threads(args.threads)
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         records = max(64, 2 * args.batch_size * total)  # the stream repeats its passes

@@ -129,7 +129,7 @@ class LDMTrainingArguments(TrainingArguments):
     image_logging_steps: int = field(
         default=1000, metadata={"help": "Every this many optimizer steps, log reconstructions and DDIM samples (guidance 1.0 and 7.5) to VisualDL; 0 turns it off."}
     )
-    num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses every core this process may run on."})
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses the cores this process may run on, less one per data worker in the stage-2 scripts (at least 1)."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
@@ -178,7 +178,7 @@ class LoopArguments:
     to_static: bool = field(default=False, metadata={"help": "Compile the UNet and LDMBert forward with Paddle's dynamic-to-static (SOT); measured slower than eager on the CPU (README \"Speed\")."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the trained weights; the exported pipeline uses it."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
-    num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses every core this process may run on."})
+    num_threads: int = field(default=0, metadata={"help": "CPU threads for Paddle's kernels; 0 uses the cores this process may run on, less one per data worker in the stage-2 scripts (at least 1)."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop after this many optimizer steps in a row skipped for a non-finite loss."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory to resume from; by default the newest complete one in --output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh even if --output_dir holds checkpoints."})

@@ -9,15 +9,19 @@ from typing import Optional
 import paddle
 
 
-def set_cpu_threads(n: int = 0) -> int:
-    """Paddle runs CPU kernels on one thread unless told (~1.5x slower on 2 cores); use them all.
+def set_cpu_threads(n: int = 0, data_workers: int = 0) -> int:
+    """Paddle runs CPU kernels on one thread unless told; give it the cores nobody else uses.
 
-    Under paddle.distributed.launch the cores are shared between the local processes.
+    Under paddle.distributed.launch the cores are shared between the local processes, and each
+    process's `data_workers` DataLoader workers take one core each (ldm.data.init_worker gives
+    them one thread): the training process gets the cores left, at least one. Oversubscribed
+    cores cost far more than an idle one: the tiny preset's step on 2 cores with 1 data worker
+    took 350 ms with 2 threads and 178 ms with 1 (bench/train_step.py --threads, README "Speed").
     """
     if n <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")) or 1)
-        n = max(1, cores // max(1, local))
+        n = max(1, cores // max(1, local) - data_workers)
     paddle.base.core.set_num_threads(n)
     return n
 

@@ -29,12 +29,13 @@ import paddle.distributed as dist
 from paddle.io import DataLoader
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from paddlenlp.transformers.model_utils import _add_variant
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file, save_file
 
 from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, data_position_to_resume, save_atomically,
                             write_args)
-from ldm.data import StreamProgress
+from ldm.data import StreamProgress, init_worker
 from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
 from ldm.runtime import StepAgreement, exit_on_bad_input, preserved_rng, seed_rank_streams
@@ -88,6 +89,7 @@ class StreamTrainer(Trainer):
             self.train_dataset,
             batch_size=self.train_dataset.stream.loader_batch_size(self.args.per_device_train_batch_size),  # None: the stream yields whole (bucketed) batches
             num_workers=self.args.dataloader_num_workers,
+            worker_init_fn=init_worker,  # one thread per worker; the training process has the cores left
             drop_last=True,
         )
 
@@ -188,10 +190,17 @@ class StreamTrainer(Trainer):
         step = self.state.global_step
         self._saved_at = step
 
+        # --sharding stage1/stage2: every rank holds a shard of the optimizer state and saves it under
+        # the name the stock resume reads on that rank (optimizer.shardNN.pdopt).
+        sharded = self.args.use_hybrid_parallel and self.args.sharding_parallel_degree > 1
+
         def write_files(tmp, rank):
+            if sharded:
+                paddle.save(self.optimizer.state_dict(), os.path.join(tmp, _add_variant(OPTIMIZER_NAME, self.args.optimizer_name_suffix)))
             if self.args.should_save:
                 self.save_model(tmp)  # model_state.pdparams and training_args.bin, as the stock save
-                paddle.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_NAME))
+                if not sharded:
+                    paddle.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_NAME))
                 paddle.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
                 if self.do_grad_scaling:
                     paddle.save(self.scaler.state_dict(), os.path.join(tmp, SCALER_NAME))
