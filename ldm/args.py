@@ -66,7 +66,7 @@ class ModelArguments:
     )
     vae_encode_fp32: bool = field(
         default=False,
-        metadata={"help": "Keep the frozen autoencoder's encode in float32 under --fp16/--bf16 (by default it runs in the mixed-precision autocast, about half the step's FLOPs at 256 px without cached latents)."},
+        metadata={"help": "Keep the frozen autoencoder's encode in float32 under --fp16/--bf16 (by default it runs in the mixed-precision autocast: a quarter of an ldm_32l step's FLOPs at 256 px without cached latents)."},
     )
 
 

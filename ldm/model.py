@@ -375,8 +375,8 @@ class LatentDiffusionModel(nn.Layer):
     @paddle.no_grad()
     def encode_moments(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         """`posterior_moments` of the frozen autoencoder (what ldm.cache_latents stores). Under
-        --fp16/--bf16 the encoder runs in the ambient autocast (at 256 px it costs about as many
-        FLOPs as the UNet's and LDMBert's forward and backward) unless `encode_in_float32`
+        --fp16/--bf16 the encoder runs in the ambient autocast (at 256 px it is a quarter of an
+        ldm_32l step's FLOPs, bench/gpu_plan.md) unless `encode_in_float32`
         (--vae_encode_fp32); the moments are float32 either way."""
         with contextlib.nullcontext() if not self.encode_in_float32 else paddle.amp.auto_cast(enable=False):
             return posterior_moments(self.vae, pixel_values)
