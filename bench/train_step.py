@@ -184,7 +184,7 @@ def main():
                         "the bare loop also runs on the encoded data, step for step, for the speed-up.")
     parser.add_argument("--to_static", action="store_true", help="Compile UNet and LDMBert with paddle.jit.to_static (SOT); "
                         "the bare loop also runs eagerly, step for step, for the speed-up.")
-    parser.add_argument("--threads", type=int, default=0, help="Paddle CPU threads of the training process (0: ldm.runtime.set_cpu_threads' choice).")
+    parser.add_argument("--threads", type=int, default=0, help="Paddle CPU threads of the training process (0: as the training scripts, the cores the data workers leave).")
     parser.add_argument("--skip_trainer", action="store_true", help="Only the bare loop and its breakdown.")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                         help="The bare loop's optimizer; sgd keeps no state (ldm_12l's AdamW state is 16 GB), with --skip_trainer.")
@@ -198,7 +198,7 @@ def main():
 
     logger.set_level("WARNING")  # the Trainer's argument dump would bury the table
 
-    threads = set_cpu_threads(args.threads)
+    threads = set_cpu_threads(args.threads, args.workers)  # as the training scripts: the cores the data workers leave
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         records = max(64, 2 * args.batch_size * total)  # the stream repeats its passes
