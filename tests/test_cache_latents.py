@@ -99,3 +99,28 @@ def test_cache_of_another_resolution_falls_back_with_a_warning(shapes, vae_dir, 
     res = run_script(args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Latents: sampled from the moments cached in column 4" in res.stdout + res.stderr
+
+
+def test_two_processes_write_the_same_cache(shapes, vae_dir, cache_32, tmp_path):
+    """Under paddle.distributed.launch each process caches its stride of the parts; together they
+    write what one process writes, and a re-run keeps the finished parts."""
+    from ldm.data import read_file_list
+
+    out = tmp_path / "cache2"
+
+    def launch(log_dir):
+        res = run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), "ldm/cache_latents.py",
+                          "--file_list", shapes["file_list"], "--vae_name_or_path", str(vae_dir), "--resolution", "32",
+                          "--output_dir", str(out)], timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        return "".join(p.read_text() for p in log_dir.glob("workerlog.*"))
+
+    logs = launch(tmp_path / "log")
+    assert "rank 0: cached 64 records in 1 parts" in logs and "rank 1: cached 64 records in 1 parts" in logs
+    one = [p for e in read_file_list(cache_32) for p in e.parts]
+    two = [p for e in read_file_list(str(out / "train.filelist.list")) for p in e.parts]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        with gzip.open(a, "rb") as fa, gzip.open(b, "rb") as fb:
+            assert fa.read() == fb.read()
+    assert "(1 already done)" in launch(tmp_path / "log2")
