@@ -303,6 +303,17 @@ def looks_cut(data: bytes, error: Exception) -> bool:
     return data[:4] == b"RIFF" and len(data) < int.from_bytes(data[4:8], "little") + 8
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy open (header only), refusing an image over the decompression-bomb limit (Skip)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+    w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise Skip("too_many_pixels", f"{w}x{h} pixels, over Pillow's limit of {MAX_PIXELS}")
+    return image
+
+
 def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float] = None, buckets=None) -> np.ndarray:
     """Decode, apply the EXIF orientation, resize to cover the target and centre-crop the excess;
     CHW uint8 (0..255). The target is the square `resolution` x `resolution`, or with `buckets`
@@ -313,10 +324,8 @@ def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = open_image(data)
             w, h = image.size
-            if w * h > MAX_PIXELS:
-                raise Skip("too_many_pixels", f"{w}x{h} pixels, over Pillow's limit of {MAX_PIXELS}")
             if max_aspect_ratio and max(w, h) > max_aspect_ratio * min(w, h):
                 raise Skip("extreme_aspect_ratio", f"{w}x{h} pixels, more elongated than --max_aspect_ratio {max_aspect_ratio}")
             # Phone photos store their pixels sideways plus an EXIF orientation (5-8: a quarter

@@ -29,7 +29,6 @@ import signal
 import sys
 import tarfile
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -37,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from isal import igzip
 from PIL import ExifTags, Image, ImageOps
 
-from ldm.data import MAX_PIXELS, looks_cut, to_rgb
+from ldm.data import Skip, looks_cut, open_image, to_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -78,12 +77,8 @@ def fit_image(data: bytes, min_side: int, max_side: int) -> Tuple[Optional[bytes
     (EXIF orientation applied) and re-encoded in its own format: JPEG stays JPEG.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = open_image(data)
         w, h = image.size
-        if w * h > MAX_PIXELS:
-            return None, "too_many_pixels"
         short = min(w, h)
         if short < min_side:
             return None, "too_small"
@@ -111,12 +106,12 @@ def fit_image(data: bytes, min_side: int, max_side: int) -> Tuple[Optional[bytes
         else:  # PNG, and lossless PNG for the rest (GIF, BMP, TIFF)
             image.save(out, format="PNG")
         return out.getvalue(), None
+    except Skip as e:
+        return None, e.reason
     except Image.DecompressionBombError:
         return None, "too_many_pixels"
     except Exception as e:  # Pillow raises many types for corrupt data
-        # looks_cut knows "image file is truncated" and cut WebP; a JPEG cut inside its header says "Truncated File Read".
-        cut = looks_cut(data, e) or "truncated" in str(e).lower()
-        return None, "truncated_image" if cut else "undecodable_image"
+        return None, "truncated_image" if looks_cut(data, e) else "undecodable_image"
 
 
 def record_line(caption, data: Optional[bytes], min_side: int, max_side: int) -> Tuple[Optional[str], Optional[str]]:
