@@ -3,8 +3,8 @@
 Written in the seed's part format (SPEC section 2) so the whole pipeline runs with
 nothing downloaded. Captions name the shape, its colour, the background colour and
 where the shape sits, e.g. "a red circle on a blue background, on the left".
-Colours are the easiest thing for a tiny text-to-image model to learn, which is
-what makes the demo's samples visibly follow their prompts within minutes on a CPU.
+Colours are the easiest thing for a tiny text-to-image model to learn; shape and position
+come later, and `read_shape` reads all four back from a generated image for the demo's scores.
 """
 import argparse
 import base64
