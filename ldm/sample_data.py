@@ -161,7 +161,8 @@ def read_shape(image):
     one nearest the median of the largest region of pixels of another palette colour; the
     object is the largest region of pixels nearer its colour than the background's. Its shape is
     a triangle if its rows widen downwards (TAPERS), else a circle or a square by the share of
-    its bounding box it fills (FILL_RATIOS); its position the x of its centroid (left 0.3, middle 0.5, right 0.7 of the width)."""
+    its bounding box it fills (FILL_RATIOS); its position the POSITIONS entry nearest the x of
+    its centroid."""
     from scipy import ndimage
 
     arr = np.asarray(image.convert("RGB"), dtype=np.float64)
