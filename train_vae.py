@@ -51,7 +51,7 @@ class AutoencoderTrainingArguments(LDMTrainingArguments):
 def main():
     # Parse arguments:
     ae_args, data_args, training_args = parse_args(AutoencoderArguments, DataArguments, AutoencoderTrainingArguments)
-    threads = set_cpu_threads(training_args.num_threads)
+    threads = set_cpu_threads(training_args.num_threads, training_args.dataloader_num_workers)  # the cores the data workers leave
     set_seed(training_args.seed)
     if ae_args.scale_lr:
         # CompVis main.py: learning_rate = accumulate_grad_batches * ngpu * batch_size * base_learning_rate.
