@@ -1,8 +1,7 @@
 """Sampling from a trained model directory with stock ppdiffusers, as a user would."""
 from typing import Dict, List, Tuple
 
-from PIL import Image, ImageDraw
-
+from ldm.loading import save_grid
 from ldm.sample_data import SCORES, follows_prompt, parse_caption
 
 
@@ -33,14 +32,4 @@ def sample_grid(model_dir: str, prompts: List[str], per_prompt: int, path: str, 
                 for name, ok in follows_prompt(image, prompt).items():
                     matches[name] += ok
                 total += 1
-    cell = max(96, rows[0][0].size[0] * 3)
-    label_h = 14
-    grid = Image.new("RGB", (cell * per_prompt, (cell + label_h) * len(prompts)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (prompt, row) in enumerate(zip(prompts, rows)):
-        y = r * (cell + label_h)
-        draw.text((2, y + 1), prompt, fill="black")
-        for c, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (c * cell, y + label_h))
-    grid.save(path)
-    return path, matches, total
+    return save_grid(path, prompts, rows), matches, total

@@ -67,4 +67,4 @@ def test_sample_grid_counts_every_score(stock_pipeline_dir, tmp_path):
     path, matches, total = sample_grid(str(stock_pipeline_dir), prompts, 2, str(tmp_path / "grid.png"), steps=2)
     assert total == 2 and list(matches) == list(SCORES) and all(0 <= n <= total for n in matches.values())
     grid = Image.open(path)
-    assert grid.size[1] > 2 * grid.size[0] // 2  # two rows of two cells, each with a caption line
+    assert grid.size[1] >= 2 * (96 + 14) and grid.size[0] >= 2 * 96  # two rows of two cells (>= 96 px), each under a caption line
