@@ -20,6 +20,7 @@ from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArgumen
 from ldm.checkpoint import CheckpointWriteError, data_position_to_resume, load_checkpoint, save_checkpoint
 from ldm.data import StreamProgress, as_paddle_dataset, init_worker
 from ldm.ema import EMA, maybe_applied
+from ldm.flops import flops_per_training_image
 from ldm.logger import RunLogger
 from ldm.model import create_model, create_stream, decay_parameter_names
 from ldm.runtime import (StepAgreement, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup,
@@ -43,9 +44,11 @@ def main():
     try:
         require_writable_dir(args.output_dir)
         model = create_model(model_args, data_args.resolution, args.seed, args.recompute, recipe_args.recipe())
+        stream = create_stream(model, model_args, data_args, args.seed, args.train_batch_size)
+        # FLOPs per image, counted once on the modules before any compiling, for the logged tflops_per_device:
+        flops_per_image = flops_per_training_image(model, data_args.resolution, stream.latent_cache is not None, args.recompute)
         if args.to_static:
             model.compile_static()  # UNet and LDMBert through paddle.jit.to_static
-        stream = create_stream(model, model_args, data_args, args.seed, args.train_batch_size)
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, args.train_batch_size, args.gradient_accumulation_steps, world_size, args.num_workers, threads, stream)
@@ -150,8 +153,10 @@ def main():
             mean_loss = loss_sum / (args.logging_steps * args.gradient_accumulation_steps)
             if world_size > 1:
                 dist.all_reduce(mean_loss)  # the loss of all ranks' batches, not just rank 0's
+            per_device = interval_images / world_size / elapsed  # (this rank's own images per second: ranks step in lock-step)
             scalars = {"loss": float(mean_loss) / world_size,
                        "learning_rate": lr_scheduler.get_lr(), "images_per_second": interval_images / elapsed,
+                       "images_per_second_per_device": per_device, "tflops_per_device": per_device * flops_per_image / 1e12,
                        "nonfinite_steps_skipped": agreement.skipped, **progress.skip_totals()}
             vdl.scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['learning_rate']:.2e}")

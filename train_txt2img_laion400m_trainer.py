@@ -7,6 +7,7 @@ from paddlenlp.utils.log import logger
 from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, parse_args
 from ldm.data import as_paddle_dataset
 from ldm.ema import maybe_applied
+from ldm.flops import flops_per_training_image
 from ldm.model import create_model, create_stream
 from ldm.runtime import (checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir,
                          set_cpu_threads)
@@ -24,12 +25,14 @@ def main():
     try:
         require_writable_dir(training_args.output_dir)
         model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute, recipe_args.recipe())
+        stream = create_stream(model, model_args, data_args, training_args.seed, training_args.per_device_train_batch_size)
+        # FLOPs per image, counted once on the modules before any compiling, for the logged tflops_per_device:
+        flops_per_image = flops_per_training_image(model, data_args.resolution, stream.latent_cache is not None, training_args.recompute)
         if training_args.to_static:
             # UNet and LDMBert only: the Trainer's own --to_static would convert the whole step
             # (frozen encoder, random draws) as one graph, so it is told not to.
             model.compile_static()
             training_args.to_static = False
-        stream = create_stream(model, model_args, data_args, training_args.seed, training_args.per_device_train_batch_size)
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
@@ -51,6 +54,7 @@ def main():
             model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
             image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
             run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **training_args.to_dict()}, log_batch=log_batch, validator=validator,
+            flops_per_image=flops_per_image,
         )
     except ValueError as e:
         exit_on_bad_input(e)

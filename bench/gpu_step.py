@@ -2,35 +2,47 @@
 
 Measure, on a machine with a CUDA build of Paddle (one process, one GPU, synthetic batch):
 
-    python bench/gpu_step.py --preset ldm_32l --resolution 256 --batch_size 8 \
-        --configs fp16 bf16 fp16+recompute bf16+recompute bf16+noxformers bf16+cached
+    python bench/gpu_step.py --preset ldm_32l --resolution 256 --batch_size 6 \\
+        --configs fp32 fp16 bf16 bf16+o2 bf16+recompute bf16+noxformers bf16+cached
 
-prints per configuration the median step time (after --warmup steps), images/s and peak GPU
-memory (paddle.device.cuda.max_memory_allocated). A configuration is `+`-joined words: fp32, fp16
-(O1 autocast, dynamic loss scaling), bf16; recompute; noxformers (standard attention instead of
-ppdiffusers' memory-efficient / flash kernels, on by default when available); cached (latents from
-moments, no encoder run, as with ldm.cache_latents); fp32vae (encoder kept out of autocast).
-The step is the training scripts' (ldm.model.LatentDiffusionModel.forward, AdamW, EMA update).
+prints one row per configuration: median step time (after --warmup steps), images/s, achieved
+TFLOP/s (FLOPs per step counted by ldm.flops on the real modules / step time) and peak memory
+(paddle.device.cuda.max_memory_allocated; on the CPU the process's peak resident memory). A
+configuration is `+`-joined words: fp32, fp16 or bf16 (O1 autocast; fp16 with dynamic loss
+scaling); o2 (pure fp16/bf16 weights, `paddle.amp.decorate` level O2 with fp32 master weights in
+AdamW); recompute; noxformers (standard attention instead of ppdiffusers' memory-efficient / flash
+kernels, on by default where Paddle has them); cached (latents from moments, no encoder run, as
+with ldm.cache_latents); fp32vae (encoder kept out of autocast). The step is the training scripts'
+(ldm.model.LatentDiffusionModel.forward, AdamW, EMA update). A configuration that fails (out of
+memory) prints `failed` and the next one runs. Sharding stage 2 needs several GPUs and is measured
+through the Trainer script, whose logs carry the same figures (docs/performance.md).
 
-Count, on any machine (the table of README "GPU plan"):
+`--allow_cpu` runs the same measurement on a CPU build (the test suite does, on the tiny preset):
+the numbers say nothing about a GPU.
 
-    python bench/gpu_step.py --count --preset ldm_32l --resolution 256 512 --batch_size 8
+Count, on any machine (docs/performance.md's tables):
 
-runs one forward of batch 1 per resolution with hooks that count multiply-adds of every
-convolution, linear layer and attention product, and the bytes of what backward keeps (see
-`count`), then prints FLOPs and memory per step for --batch_size.
+    python bench/gpu_step.py --count --preset ldm_32l --resolution 256 512 --batch_size 6
+
+runs one forward of one image per resolution with ldm.flops' counters on, then prints the FLOPs
+per image, the images/s that 45% MFU would give on an A100 and an H100, and the memory budget
+(weights, gradients, AdamW, EMA, activations) per precision with the largest batch per GPU size.
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1024**3
+MFU = 0.45
+PEAK_TFLOPS = {"A100": 312, "H100 SXM": 989}  # dense bf16 tensor-core peaks (NVIDIA data sheets)
+GPU_GIB = (32, 40, 80)
+RESERVED_GIB = 2.0  # per GPU, outside the budget: CUDA context, cuDNN workspaces, allocator fragmentation (an assumption)
 
 
 def preset_models(preset, resolution, vocab_size=30522, max_length=77, seed=0):
@@ -38,11 +50,12 @@ def preset_models(preset, resolution, vocab_size=30522, max_length=77, seed=0):
     import paddle
     from ppdiffusers import AutoencoderKL
 
-    from ldm.model import build_text_encoder, build_unet, init_like_reference
+    from ldm.model import build_text_encoder, build_unet, freeze, init_like_reference
 
     paddle.seed(seed)
     with open(os.path.join(ROOT, "config", preset, "vae.json")) as f:
         vae = AutoencoderKL(**{k: v for k, v in json.load(f).items() if not k.startswith("_")})
+    freeze(vae)
     text_encoder = build_text_encoder(os.path.join(ROOT, "config", preset, "ldmbert.json"), vocab_size, max_length)
     unet = build_unet(os.path.join(ROOT, "config", preset, "unet.json"))
     init_like_reference(text_encoder, unet)
@@ -54,179 +67,119 @@ def preset_models(preset, resolution, vocab_size=30522, max_length=77, seed=0):
 # Counting
 # ---------------------------------------------------------------------------
 
-CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "LDMBertEncoderLayer")  # what --recompute recomputes
+# Bytes per trainable parameter (weights, fp32 master weights, gradients, AdamW's two moments, the
+# fp32 EMA), per frozen autoencoder parameter, and per activation element kept for backward.
+# O1 autocast keeps fp32 weights, gradients and optimizer, and casts each weight to 16 bits where an
+# op runs in 16 bits: that copy is kept for the op's backward (2 bytes per trainable parameter, freed
+# with recompute, which rebuilds it). Paddle's O2 (paddle.amp.decorate, PaddleNLP's
+# --fp16_opt_level O2) casts the model to 16 bits and AdamW keeps fp32 master weights and fp32
+# moments (multi_precision); gradients are 16-bit (fp32 with PaddleNLP's --amp_master_grad).
+PRECISIONS = {
+    "fp32": dict(weights=4, casts=0, master=0, grads=4, adam=8, ema=4, frozen=4, act=4),
+    "fp16/bf16 O1": dict(weights=4, casts=2, master=0, grads=4, adam=8, ema=4, frozen=4, act=2),
+    "bf16 O2": dict(weights=2, casts=0, master=4, grads=2, adam=8, ema=4, frozen=2, act=2),
+}
 
 
-class Counter:
-    """Forward hooks on every leaf layer: multiply-adds (Conv2D, Linear, attention's two matmuls)
-    and the bytes of the leaf outputs, which is roughly what autograd keeps for backward (one saved
-    tensor per op; an estimate, good to ~30%). Outputs inside a recompute unit (a ResnetBlock2D,
-    a transformer block, an LDMBert layer) are also summed per unit: with --recompute backward keeps
-    only each unit's input, plus one unit's internals at a time."""
-
-    def __init__(self, model):
-        import paddle.nn as nn
-
-        self.macs = 0
-        self.saved = 0  # elements kept for backward without recompute
-        self.attention_probs = 0  # elements of softmax(QK^T): what memory-efficient attention never stores
-        self.unit_inputs = 0  # elements of the recompute units' inputs (what recompute keeps of them)
-        self.unit_peak = 0  # the largest unit's internals (rebuilt one unit at a time in backward)
-        self.inside = 0  # elements kept inside recompute units (what recompute frees)
-        self._unit, self._unit_sum = None, 0
-        for layer in model.sublayers(include_self=True):
-            name = type(layer).__name__
-            if name in CHECKPOINT_UNITS:
-                layer.register_forward_pre_hook(self._enter)
-                layer.register_forward_post_hook(self._leave)
-            if name in ("Attention", "LDMBertAttention"):  # the query projection's output gives the shapes
-                query = layer.to_q if name == "Attention" else layer.q_proj
-                query.register_forward_post_hook(lambda _, inputs, output, attn=layer: self._attention(attn, output))
-            if not layer.sublayers() or isinstance(layer, (nn.Conv2D, nn.Linear)):
-                layer.register_forward_post_hook(self._leaf)
-
-    def _enter(self, layer, inputs):
-        if self._unit is None:
-            self._unit, self._unit_sum = layer, 0
-            self.unit_inputs += inputs[0].size
-
-    def _leave(self, layer, inputs, output):
-        if self._unit is layer:
-            self.unit_peak = max(self.unit_peak, self._unit_sum)
-            self.inside += self._unit_sum
-            self._unit = None
-
-    def _leaf(self, layer, inputs, output):
-        import paddle.nn as nn
-
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if not hasattr(out, "size"):
-            return
-        if isinstance(layer, nn.Conv2D):
-            w = layer.weight.shape  # [out, in/groups, kh, kw]
-            self.macs += out.size * w[1] * w[2] * w[3]
-        elif isinstance(layer, nn.Linear):
-            self.macs += out.size * layer.weight.shape[0]  # paddle Linear weight is [in, out]
-        self.saved += out.size
-        if self._unit is not None:
-            self._unit_sum += out.size
-
-    def _attention(self, layer, query):
-        batch, queries = query.shape[0], query.shape[1]  # [batch, tokens, heads x head dim]
-        if type(layer).__name__ == "LDMBertAttention":
-            heads, inner, keys = layer.num_heads, layer.inner_dim, queries
-        else:
-            heads, inner = layer.heads, layer.inner_dim
-            keys = getattr(layer, "_count_keys", None) or queries  # set in count() for cross-attention
-        self.macs += 2 * batch * queries * keys * inner  # QK^T and probs @ V
-        self.attention_probs += batch * heads * queries * keys
-        self.saved += 2 * batch * heads * queries * keys  # scores and probs
-        if self._unit is not None:
-            self._unit_sum += 2 * batch * heads * queries * keys
-
-
-def count(preset, resolution, max_length=77):
-    """FLOPs and kept elements of one image's forward through each model of the preset."""
-    import paddle
-
-    vae, text_encoder, unet = preset_models(preset, resolution, max_length=max_length)
-    for layer in unet.sublayers():
-        if type(layer).__name__ == "BasicTransformerBlock" and layer.attn2 is not None:
-            layer.attn2._count_keys = max_length  # cross-attention: the keys are the caption's tokens
-    latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    out = {}
-    with paddle.no_grad():
-        c = Counter(vae.encoder)
-        vae.encode(paddle.zeros([1, 3, resolution, resolution]))
-        out["vae_encode"] = c
-        c = Counter(text_encoder)
-        hidden = text_encoder(paddle.zeros([1, max_length], dtype="int64"))[0]
-        out["ldmbert"] = c
-        c = Counter(unet)
-        unet(paddle.zeros([1, unet.config.in_channels, latent, latent]), paddle.to_tensor([500]), hidden)
-        out["unet"] = c
-    params = {"ldmbert": sum(p.size for p in text_encoder.parameters() if p.name.find("to_logits") < 0),
-              "unet": sum(p.size for p in unet.parameters()), "vae": sum(p.size for p in vae.parameters())}
-    return out, params
-
-
-def count_report(args):
+def budget_rows(count, params, sharding_degree=8):
+    """Memory per GPU for each configuration: fixed state (GiB) and activations per image (GiB), with
+    standard and with memory-efficient attention."""
+    trainable, frozen = params["ldmbert"] + params["unet"], params["vae"]
     rows = []
-    for resolution in args.resolution:
-        counted, params = count(args.preset, resolution)
-        b = args.batch_size
-        f = {k: 2 * c.macs for k, c in counted.items()}  # FLOPs = 2 x multiply-adds
-        train = 3 * (f["ldmbert"] + f["unet"])  # forward + backward (input and weight gradients: 2x forward)
-        trainable = params["ldmbert"] + params["unet"]
-        act = counted["ldmbert"].saved + counted["unet"].saved
-        probs = counted["ldmbert"].attention_probs + counted["unet"].attention_probs
-        rows.append((resolution, f, train, trainable, act, probs, params))
-        print(f"\n## {args.preset} at {resolution} px, batch {b}")
-        print("| quantity | per image | per step (batch %d) |" % b)
-        print("|---|---|---|")
-        print(f"| autoencoder encode, forward (frozen) | {f['vae_encode'] / 1e9:.1f} GFLOP | {b * f['vae_encode'] / 1e12:.2f} TFLOP |")
-        print(f"| LDMBert forward ({77} tokens) | {f['ldmbert'] / 1e9:.1f} GFLOP | {b * f['ldmbert'] / 1e12:.2f} TFLOP |")
-        print(f"| UNet forward | {f['unet'] / 1e9:.1f} GFLOP | {b * f['unet'] / 1e12:.2f} TFLOP |")
-        print(f"| train step, latents cached: 3 x (LDMBert + UNet) | {train / 1e9:.1f} GFLOP | {b * train / 1e12:.2f} TFLOP |")
-        print(f"| train step, encoder run | {(train + f['vae_encode']) / 1e9:.1f} GFLOP | {b * (train + f['vae_encode']) / 1e12:.2f} TFLOP |")
-        print(f"| + recompute (one more forward) | {(train + f['vae_encode'] + f['ldmbert'] + f['unet']) / 1e9:.1f} GFLOP | |")
-        print(f"| weights fp32 ({trainable / 1e9:.3f}B trainable + {params['vae'] / 1e6:.1f}M autoencoder) | | {(trainable + params['vae']) * 4 / GB:.1f} GiB |")
-        print(f"| gradients fp32 | | {trainable * 4 / GB:.1f} GiB |")
-        print(f"| AdamW moments (2 x fp32) | | {trainable * 8 / GB:.1f} GiB |")
-        print(f"| EMA (fp32, --use_ema) | | {trainable * 4 / GB:.1f} GiB |")
-        for label, nbytes in (("fp32", 4), ("fp16/bf16", 2)):
-            print(f"| activations kept for backward, {label} | {act * nbytes / GB:.2f} GiB | {b * act * nbytes / GB:.1f} GiB |")
-        print(f"| of which attention probabilities (memory-efficient attention keeps none), fp16 | {probs * 2 * 2 / GB:.2f} GiB | {b * probs * 2 * 2 / GB:.1f} GiB |")
-        rc = counted["ldmbert"].unit_inputs + counted["unet"].unit_inputs + max(counted["ldmbert"].unit_peak, counted["unet"].unit_peak)
-        outside = act - counted["ldmbert"].inside - counted["unet"].inside
-        print(f"| activations with recompute, fp16/bf16 | {(rc + outside) * 2 / GB:.2f} GiB | {b * (rc + outside) * 2 / GB:.1f} GiB |")
+    for name, b in PRECISIONS.items():
+        for recompute in (False, True):
+            for shards in (1, sharding_degree):
+                if shards > 1 and name == "fp16/bf16 O1" and not recompute:
+                    continue  # (the table stays readable: O2 shows what sharding buys)
+                state = {
+                    "weights": trainable * b["weights"] + frozen * b["frozen"] + (0 if recompute else trainable * b["casts"]),
+                    "master": trainable * b["master"] / shards,
+                    "grads": trainable * b["grads"] / shards,
+                    "adam": trainable * b["adam"] / shards,
+                    "ema": trainable * b["ema"],
+                }
+                act = [sum(c.kept(recompute, mea) for c in (count.ldmbert, count.unet)) * b["act"] for mea in (False, True)]
+                label = name + (" + recompute" if recompute else "") + (f" + sharding stage2 x{shards}" if shards > 1 else "")
+                rows.append((label, {k: v / GB for k, v in state.items()}, [a / GB for a in act]))
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="ldm_32l", help="config/ preset.")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[256], help="Training crop side(s) in pixels.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per GPU per step.")
-    parser.add_argument("--count", action="store_true", help="Count FLOPs and memory (any machine) instead of measuring on a GPU.")
-    parser.add_argument("--configs", nargs="+", default=["fp16", "bf16", "fp16+recompute", "bf16+recompute", "bf16+noxformers", "bf16+cached"],
-                        help="Configurations to measure: +-joined words fp32|fp16|bf16, recompute, noxformers, cached, fp32vae.")
-    parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
-    parser.add_argument("--allow_cpu", action="store_true", help="Run the measurement on a CPU build (a smoke test; numbers mean nothing for a GPU).")
-    args = parser.parse_args()
-    if args.count:
-        count_report(args)
-        return
-    measure(args)
+def count_report(args):
+    from ldm.flops import count_forward
+
+    for resolution in args.resolution:
+        vae, text_encoder, unet = preset_models(args.preset, resolution)
+        count = count_forward(vae, text_encoder, unet, resolution, 77)
+        params = {"ldmbert": sum(p.size for p in text_encoder.parameters()), "unet": sum(p.size for p in unet.parameters()),
+                  "vae": sum(p.size for p in vae.parameters())}
+        del vae, text_encoder, unet
+        b = args.batch_size
+        print(f"\n## {args.preset} at {resolution} px: FLOPs ({(params['ldmbert'] + params['unet']) / 1e9:.3f}B trainable, "
+              f"{params['vae'] / 1e6:.1f}M autoencoder)")
+        print(f"| quantity | per image | per step (batch {b}) | images/s per GPU at {MFU:.0%} MFU: " + " / ".join(PEAK_TFLOPS) + " |")
+        print("|---|---|---|---|")
+        rows = [("autoencoder encode, forward (frozen)", count.vae_encode.flops, False),
+                ("LDMBert forward (77 tokens)", count.ldmbert.flops, False),
+                ("UNet forward", count.unet.flops, False),
+                ("train, latents cached: 3 x (LDMBert + UNet)", count.training_flops(cached=True), True),
+                ("train, encoder run every step", count.training_flops(cached=False), True),
+                ("train, cached, --recompute", count.training_flops(cached=True, recompute=True), True),
+                ("train, encoder run, --recompute", count.training_flops(cached=False, recompute=True), True)]
+        for label, flops, speed in rows:
+            rate = " / ".join(f"{MFU * peak * 1e12 / flops:.1f}" for peak in PEAK_TFLOPS.values()) if speed else ""
+            print(f"| {label} | {flops / 1e9:.1f} GFLOP | {b * flops / 1e12:.2f} TFLOP | {rate} |")
+
+        print(f"\n## {args.preset} at {resolution} px: memory per GPU (GiB; activations: standard / memory-efficient attention)")
+        print(f"| configuration | weights | fp32 master | gradients | AdamW | EMA | fixed | activations per image | total at batch {b} | "
+              + " | ".join(f"largest batch {g} GB" for g in GPU_GIB) + " |")
+        print("|---" * (9 + len(GPU_GIB)) + "|")
+        for label, state, act in budget_rows(count, params):
+            fixed = sum(state.values())
+            biggest = [" / ".join(str(max(0, int((g - RESERVED_GIB - fixed) // a)))for a in act) for g in GPU_GIB]
+            print(f"| {label} | {state['weights']:.1f} | {state['master']:.1f} | {state['grads']:.1f} | {state['adam']:.1f} | {state['ema']:.1f} | "
+                  f"{fixed:.1f} | {act[0]:.3f} / {act[1]:.3f} | {fixed + b * act[0]:.1f} / {fixed + b * act[1]:.1f} | " + " | ".join(biggest) + " |", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
 
 
 def measure(args):
     import paddle
 
-    if not paddle.is_compiled_with_cuda() and not args.allow_cpu:
-        raise SystemExit("error: this Paddle build has no CUDA; install paddlepaddle-gpu (README Install), or use --count, or --allow_cpu for a smoke test")
-    on_gpu = paddle.is_compiled_with_cuda()
-    from ldm.model import LatentDiffusionModel, Recipe, decay_parameter_names
     from ldm.ema import EMA
+    from ldm.flops import count_forward
+    from ldm.model import LatentDiffusionModel, Recipe, decay_parameter_names
 
-    print("| config | step (ms) | images/s | peak memory (GiB) |")
-    print("|---|---|---|---|")
+    on_gpu = paddle.is_compiled_with_cuda()
+    if not on_gpu and not args.allow_cpu:
+        raise SystemExit("error: this Paddle build has no CUDA; install paddlepaddle-gpu (README Install), or use --count, or --allow_cpu for a smoke test")
+    if not on_gpu:
+        print("(CPU build: peak memory is the process's peak resident memory so far; the numbers say nothing about a GPU)")
+    print("| config | step (ms) | images/s | TFLOP/s | peak memory (GiB) |")
+    print("|---|---|---|---|---|")
     for resolution in args.resolution:
+        forward = None  # FLOPs of one image, counted once per resolution
         for config in args.configs:
             words = set(config.split("+"))
             vae, text_encoder, unet = preset_models(args.preset, resolution)
+            if forward is None:
+                forward = count_forward(vae, text_encoder, unet, resolution, 77)
             model = LatentDiffusionModel(vae, text_encoder, unet, tokenizer=None, recipe=Recipe())
             model.encode_in_float32 = "fp32vae" in words
             if "recompute" in words:
                 model.enable_recompute()
             xformers = "noxformers" not in words and model.enable_memory_efficient_attention()
             decay = decay_parameter_names(model)
-            optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.trainable_parameters(), weight_decay=0.02,
-                                               apply_decay_param_fun=lambda n: n in decay)
-            ema = EMA(model, 0.9999)
-            dtype = "bfloat16" if "bf16" in words else "float16"
+            o2 = "o2" in words
             amp = "fp16" in words or "bf16" in words
+            dtype = "bfloat16" if "bf16" in words else "float16"
+            optimizer = paddle.optimizer.AdamW(learning_rate=1e-4, parameters=model.trainable_parameters(), weight_decay=0.02,
+                                               apply_decay_param_fun=lambda n: n in decay, multi_precision=o2)
+            if o2:
+                model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", dtype=dtype, master_weight=True)
+            ema = EMA(model, 0.9999)
             scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if "fp16" in words else None
             b = args.batch_size
             input_ids = paddle.randint(0, 1000, [b, 77])
@@ -237,15 +190,17 @@ def measure(args):
                     batch["latent_moments"] = model.encode_moments(pixels).astype("float16")
             else:
                 batch["pixel_values"] = pixels
+            step_flops = b * forward.training_flops(cached="cached" in words, recompute="recompute" in words)
             if on_gpu:
                 paddle.device.cuda.reset_max_memory_allocated()
+            name = f"{args.preset} {resolution}px b{b} {config}{' (xformers on)' if xformers else ''}"
             times = []
             try:
                 for i in range(args.warmup + args.steps):
                     if on_gpu:
                         paddle.device.synchronize()
                     t0 = time.perf_counter()
-                    with paddle.amp.auto_cast(enable=amp, level="O1", dtype=dtype):
+                    with paddle.amp.auto_cast(enable=amp, level="O2" if o2 else "O1", dtype=dtype):
                         loss = model(**batch)
                     (scaler.scale(loss) if scaler else loss).backward()
                     if scaler:
@@ -259,14 +214,32 @@ def measure(args):
                         paddle.device.synchronize()
                     if i >= args.warmup:
                         times.append(time.perf_counter() - t0)
-                ms = 1000 * statistics.median(times)
-                peak = paddle.device.cuda.max_memory_allocated() / GB if on_gpu else float("nan")
-                print(f"| {args.preset} {resolution}px b{b} {config}{' (xformers on)' if xformers else ''} | {ms:.0f} | {1000 * b / ms:.2f} | {peak:.1f} |", flush=True)
+                seconds = statistics.median(times)
+                peak = paddle.device.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                print(f"| {name} | {1000 * seconds:.1f} | {b / seconds:.2f} | {step_flops / seconds / 1e12:.4g} | {peak / GB:.2f} |", flush=True)
             except (MemoryError, RuntimeError) as e:  # out of memory on the device: report it and go on
-                print(f"| {args.preset} {resolution}px b{b} {config} | failed: {str(e).splitlines()[0][:80]} | | |", flush=True)
+                print(f"| {name} | failed: {str(e).splitlines()[0][:80]} | | | |", flush=True)
             del model, optimizer, ema, vae, text_encoder, unet, batch
             if on_gpu:
                 paddle.device.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="ldm_32l", help="config/ preset.")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[256], help="Training crop side(s) in pixels.")
+    parser.add_argument("--batch_size", type=int, default=6, help="Images per GPU per step (default: the seed's per-device batch).")
+    parser.add_argument("--count", action="store_true", help="Count FLOPs and the memory budget (any machine) instead of measuring.")
+    parser.add_argument("--configs", nargs="+", default=["fp32", "fp16", "bf16", "bf16+o2", "bf16+recompute", "bf16+noxformers", "bf16+cached"],
+                        help="Configurations to measure: +-joined words fp32|fp16|bf16, o2, recompute, noxformers, cached, fp32vae.")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
+    parser.add_argument("--allow_cpu", action="store_true", help="Measure on a CPU build (a smoke test; the numbers say nothing about a GPU).")
+    args = parser.parse_args()
+    if args.count:
+        count_report(args)
+    else:
+        measure(args)
 
 
 if __name__ == "__main__":

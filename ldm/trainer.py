@@ -12,7 +12,8 @@ Where the stock Trainer falls short and what we add (each in one small method):
   * `compute_loss`: hands the stream's bookkeeping to `StreamProgress` before the model sees the batch;
   * `_maybe_log_save_evaluate` (the stock hook right after each optimizer step): EMA update,
     SIGTERM -> save and stop, the last step always saved, images at `--image_logging_steps`;
-  * `log`: adds images/s, skipped non-finite steps and the data skips summed over workers and ranks;
+  * `log`: adds images/s (in all and per device), achieved TFLOP/s per device (from the FLOPs per image
+    counted at start-up, ldm.flops), skipped non-finite steps and the data skips summed over workers and ranks;
   * `_save_checkpoint`: the stock files (same names, so the stock resume reads them) plus the EMA,
     args.json and every rank's data position, written through `ldm.checkpoint.save_atomically`
     (staged, agreed across ranks, renamed, rotated by step);
@@ -49,7 +50,7 @@ class StreamTrainer(Trainer):
     """Trainer for any model here whose forward(**batch) returns the loss and has log_images(batch, steps)."""
 
     def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, resume_from: Optional[str] = None,
-                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, validator=None, **kwargs):
+                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, validator=None, flops_per_image: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)  # (calls paddlenlp's set_seed(--seed): the same on every rank)
         rank = max(0, dist.get_rank())
         seed_rank_streams(self.args.seed, rank)
@@ -58,6 +59,7 @@ class StreamTrainer(Trainer):
         self.run_args = run_args or {}
         self.log_batch = log_batch  # fixed images and prompts for the logged reconstructions and samples
         self.validator = validator  # ldm.validation.Validator on rank 0 with --eval_file_list, else None
+        self.flops_per_image = flops_per_image  # counted at start-up (ldm.flops): the logged tflops_per_device
         self.eval_every = self.args.eval_steps or self.args.logging_steps
         self._image_writer = None
         # Resume the data stream from the checkpoint's saved position, not by replaying
@@ -130,6 +132,10 @@ class StreamTrainer(Trainer):
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "interval_samples_per_second" in logs:
             logs["images_per_second"] = logs["interval_samples_per_second"]
+            # The Trainer's rate counts every device's images; the devices step in lock-step, so each one's is this share.
+            logs["images_per_second_per_device"] = logs["images_per_second"] / self.args.world_size
+            if self.flops_per_image:
+                logs["tflops_per_device"] = logs["images_per_second_per_device"] * self.flops_per_image / 1e12
             logs["nonfinite_steps_skipped"] = self.agreement.skipped
             logs.update(self.progress.skip_totals())
         super().log(logs, **kwargs)

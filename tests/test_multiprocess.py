@@ -31,6 +31,19 @@ def no_trainer_args(shapes, vae, out, steps):
             "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "2", "--num_threads", "1"]
 
 
+def logged_speed(out, kind):
+    """The speed fields of every logged interval: the Trainer's log history, the loop's VisualDL scalars."""
+    fields = ("images_per_second", "images_per_second_per_device", "tflops_per_device")
+    if kind == "trainer":
+        history = json.load(open(out / "checkpoint-4" / "trainer_state.json"))["log_history"]
+        return [{f: h[f] for f in fields} for h in history if "images_per_second" in h]
+    from visualdl import LogReader
+
+    path = next(os.path.join(d, f) for d, _, files in os.walk(out / "runs") for f in files if f.startswith("vdlrecords"))
+    series = {f: [r.value for r in LogReader(file_path=path).get_data("scalar", f)] for f in fields}
+    return [dict(zip(fields, values)) for values in zip(*series.values())]
+
+
 def trainer_args(shapes, vae, out, steps):
     args = ldm_args(shapes, vae, out, steps)
     return args + ["--per_device_train_batch_size", "2", "--save_steps", "2", "--image_logging_steps", "2", "--num_threads", "1"]
@@ -64,6 +77,10 @@ def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, tmp_path, kind)
     assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
     vdl_files = [f for _, _, files in os.walk(out / "runs") for f in files if f.startswith("vdlrecords")]
     assert vdl_files and "Saved LDMTextToImagePipeline" in logs[0] and "Saved LDMTextToImagePipeline" not in logs[1]
+    # Speed per device is each device's share (two here), and the achieved TFLOP/s is logged beside it.
+    speed = logged_speed(out, kind)
+    assert speed and all(abs(s["images_per_second_per_device"] - s["images_per_second"] / 2) < 1e-3 * s["images_per_second"] and
+                         s["images_per_second"] > 0 and s["tflops_per_device"] > 0 for s in speed), speed
 
     # Re-running continues from checkpoint-4.
     res = launch(make(shapes, vae_dir, out, 6), tmp_path / "logs2")

@@ -66,6 +66,10 @@ def test_stage2_checkpoints_logs_and_pipeline(ldm_run):
     state = json.load(open(out / "checkpoint-8" / "trainer_state.json"))
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses and all(np.isfinite(losses))
+    # Speed per device (one device here: all of it) and the achieved TFLOP/s from the counted FLOPs per image.
+    speed = [h for h in state["log_history"] if "images_per_second" in h]
+    assert speed and all(h["images_per_second_per_device"] == h["images_per_second"] > 0 and h["tflops_per_device"] > 0 for h in speed)
+    assert any("tflops_per_device" in t for t in tags), tags
 
 
 def test_final_output_loads_in_stock_pipeline(ldm_run):
