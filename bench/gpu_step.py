@@ -89,8 +89,6 @@ def budget_rows(count, params, sharding_degree=8):
     for name, b in PRECISIONS.items():
         for recompute in (False, True):
             for shards in (1, sharding_degree):
-                if shards > 1 and name == "fp16/bf16 O1" and not recompute:
-                    continue  # (the table stays readable: O2 shows what sharding buys)
                 state = {
                     "weights": trainable * b["weights"] + frozen * b["frozen"] + (0 if recompute else trainable * b["casts"]),
                     "master": trainable * b["master"] / shards,
@@ -102,6 +100,11 @@ def budget_rows(count, params, sharding_degree=8):
                 label = name + (" + recompute" if recompute else "") + (f" + sharding stage2 x{shards}" if shards > 1 else "")
                 rows.append((label, {k: v / GB for k, v in state.items()}, [a / GB for a in act]))
     return rows
+
+
+def num(x: float) -> str:
+    """A figure readable at every preset's scale: one decimal when large, three significant digits when small."""
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
 def count_report(args):
@@ -126,8 +129,8 @@ def count_report(args):
                 ("train, cached, --recompute", count.training_flops(cached=True, recompute=True), True),
                 ("train, encoder run, --recompute", count.training_flops(cached=False, recompute=True), True)]
         for label, flops, speed in rows:
-            rate = " / ".join(f"{MFU * peak * 1e12 / flops:.1f}" for peak in PEAK_TFLOPS.values()) if speed else ""
-            print(f"| {label} | {flops / 1e9:.1f} GFLOP | {b * flops / 1e12:.2f} TFLOP | {rate} |")
+            rate = " / ".join(num(MFU * peak * 1e12 / flops) for peak in PEAK_TFLOPS.values()) if speed else ""
+            print(f"| {label} | {num(flops / 1e9)} GFLOP | {num(b * flops / 1e12)} TFLOP | {rate} |")
 
         print(f"\n## {args.preset} at {resolution} px: memory per GPU (GiB; activations: standard / memory-efficient attention)")
         print(f"| configuration | weights | fp32 master | gradients | AdamW | EMA | fixed | activations per image | total at batch {b} | "
@@ -135,9 +138,9 @@ def count_report(args):
         print("|---" * (9 + len(GPU_GIB)) + "|")
         for label, state, act in budget_rows(count, params):
             fixed = sum(state.values())
-            biggest = [" / ".join(str(max(0, int((g - RESERVED_GIB - fixed) // a)))for a in act) for g in GPU_GIB]
-            print(f"| {label} | {state['weights']:.1f} | {state['master']:.1f} | {state['grads']:.1f} | {state['adam']:.1f} | {state['ema']:.1f} | "
-                  f"{fixed:.1f} | {act[0]:.3f} / {act[1]:.3f} | {fixed + b * act[0]:.1f} / {fixed + b * act[1]:.1f} | " + " | ".join(biggest) + " |", flush=True)
+            biggest = [" / ".join(str(max(0, int((g - RESERVED_GIB - fixed) // a))) for a in act) for g in GPU_GIB]
+            print(f"| {label} | " + " | ".join(num(state[k]) for k in ("weights", "master", "grads", "adam", "ema")) + f" | {num(fixed)} | "
+                  f"{num(act[0])} / {num(act[1])} | {num(fixed + b * act[0])} / {num(fixed + b * act[1])} | " + " | ".join(biggest) + " |", flush=True)
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     python -m ldm.cache_latents --file_list F --vae_name_or_path DIR --resolution R --output_dir D
 
 At 256 px the KL-f8 encoder costs a quarter of an ldm_32l training step's FLOPs (273 of 1053 GFLOP
-per image, bench/gpu_plan.md), and it is frozen: its posterior for an image never changes. This
+per image, docs/performance.md), and it is frozen: its posterior for an image never changes. This
 writes a copy of every part with a fourth column, the posterior's moments (mean and log-variance,
 float16, base64) for the centre crop the training stream takes at R px, plus one filelist per
 input filelist (same weights) and `D/train.filelist.list`. The seed's three columns stay, so the

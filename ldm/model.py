@@ -376,7 +376,7 @@ class LatentDiffusionModel(nn.Layer):
     def encode_moments(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         """`posterior_moments` of the frozen autoencoder (what ldm.cache_latents stores). Under
         --fp16/--bf16 the encoder runs in the ambient autocast (at 256 px it is a quarter of an
-        ldm_32l step's FLOPs, bench/gpu_plan.md) unless `encode_in_float32`
+        ldm_32l step's FLOPs, docs/performance.md) unless `encode_in_float32`
         (--vae_encode_fp32); the moments are float32 either way."""
         with contextlib.nullcontext() if not self.encode_in_float32 else paddle.amp.auto_cast(enable=False):
             return posterior_moments(self.vae, pixel_values)
