@@ -22,7 +22,9 @@ class EMA:
         self.max_decay = decay
         self.num_updates = 0
         self.params = {n: p for n, p in model.named_parameters() if not p.stop_gradient}
-        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+        # The shadow is float32 whatever the parameters are: under O2 they are bf16/fp16, whose
+        # 8-bit (bf16) mantissa cannot hold a 0.9999 decay's updates (1e-4 of a weight rounds away).
+        self.shadow = {n: p.detach().astype("float32").clone() for n, p in self.params.items()}  # astype to the same dtype is no copy
 
     def decay(self) -> float:
         """The decay of the next update (warm-up, then the configured value)."""
@@ -39,24 +41,39 @@ class EMA:
             shadow.add_(param.detach().astype(shadow.dtype) * (1.0 - d))
         self.num_updates += 1
 
-    @paddle.no_grad()
-    def _swap(self) -> None:
-        # One tensor's worth of temporary memory at a time (not a third copy of the model).
-        for name, param in self.params.items():
-            shadow = self.shadow[name]
-            tmp = param.detach().clone()
-            param.set_value(shadow)
-            shadow.set_value(tmp)
-            del tmp
-
     @contextlib.contextmanager
     def applied(self):
-        """Inside the block the model holds the EMA weights (swapped in place); the trained ones come back after."""
-        self._swap()
+        """Inside the block the model holds the EMA weights; the trained ones come back after.
+
+        float32 parameters swap with their shadow in place (one tensor's worth of temporary
+        memory, not a third copy of the model). 16-bit parameters (O2) cannot take the float32
+        shadow on a round trip without rounding it, so they are set from it and the trained
+        16-bit values are kept aside (a half-size copy of those parameters) and put back."""
+        kept = {}
+        with paddle.no_grad():
+            for name, param in self.params.items():
+                shadow = self.shadow[name]
+                if param.dtype == shadow.dtype:
+                    self._swap_one(param, shadow)
+                else:
+                    kept[name] = param.detach().clone()
+                    param.set_value(shadow.astype(param.dtype))
         try:
             yield
         finally:
-            self._swap()
+            with paddle.no_grad():
+                for name, param in self.params.items():
+                    if name in kept:
+                        param.set_value(kept.pop(name))
+                    else:
+                        self._swap_one(param, self.shadow[name])
+
+    @staticmethod
+    def _swap_one(param, shadow):
+        tmp = param.detach().clone()
+        param.set_value(shadow)
+        shadow.set_value(tmp)
+        del tmp
 
     def state_numpy(self) -> Dict[str, np.ndarray]:
         state = {n: s.numpy() for n, s in self.shadow.items()}
@@ -69,7 +86,7 @@ class EMA:
                 raise ValueError(f"the saved EMA lacks {n}; it belongs to a different model")
             if tuple(state[n].shape) != tuple(s.shape):
                 raise ValueError(f"the saved EMA's {n} has shape {list(state[n].shape)}, the model's has {list(s.shape)}")
-            s.set_value(paddle.to_tensor(state[n]).astype(s.dtype))
+            s.set_value(paddle.to_tensor(state[n]).astype("float32"))
         # An EMA saved before the warm-up existed has no counter: treat it as fully warmed up.
         self.num_updates = int(state[COUNTER_KEY][0]) if COUNTER_KEY in state else 10**9
 

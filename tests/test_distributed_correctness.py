@@ -146,6 +146,27 @@ def test_ema_warms_up_and_swaps_in_place():
     assert fresh.num_updates == 90 and np.array_equal(fresh.shadow["weight"].numpy(), ema.shadow["weight"].numpy())
 
 
+
+def test_ema_of_16_bit_weights_stays_float32():
+    """Under O2 the trained weights are bf16; the EMA keeps float32 (a 0.9999 decay's update is
+    below bf16's resolution) and showing it in the model leaves both copies as they were."""
+    from ldm.ema import EMA
+
+    layer = paddle.nn.Linear(4, 3)
+    layer.weight.set_value(paddle.full_like(layer.weight, 1.0))
+    layer.to(dtype="bfloat16")
+    ema = EMA(layer, decay=0.9999)
+    ema.num_updates = 10**6
+    layer.weight.set_value(paddle.full([4, 3], 2.0, dtype="bfloat16"))
+    ema.update()
+    assert ema.shadow["weight"].dtype == paddle.float32
+    assert np.allclose(ema.shadow["weight"].numpy(), 1.0001, atol=1e-6)  # in bf16 this would round back to 1.0
+    trained = layer.weight.astype("float32").numpy().copy()
+    with ema.applied():
+        assert layer.weight.dtype == paddle.bfloat16 and np.allclose(layer.weight.astype("float32").numpy(), 1.0)
+    assert np.array_equal(layer.weight.astype("float32").numpy(), trained)
+    assert np.allclose(ema.shadow["weight"].numpy(), 1.0001, atol=1e-6)
+
 def test_autoencoder_init_matches_torch_defaults():
     import math
 
