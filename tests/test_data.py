@@ -1,5 +1,6 @@
 """The data stream: list parsing, exactly-once sharding, bad records, image modes."""
 import base64
+import binascii
 import io
 import json
 import os
@@ -196,6 +197,44 @@ def test_palette_image_converts():
     image = Image.new("P", (4, 4))
     image.putpalette([0, 0, 255] * 256)
     assert tuple(np.asarray(data.to_rgb(image))[0, 0]) == (0, 0, 255)
+
+
+def text_rule(raw):
+    """SPEC 2's rule for a line, on its decoded text: (caption, image bytes, skip reason)."""
+    try:
+        fields = raw.decode("utf-8").rstrip("\r\n").split("\t")
+    except UnicodeDecodeError:
+        return None, None, "short_line"
+    if len(fields) < 3:
+        return None, None, "short_line"
+    try:
+        data = binascii.a2b_base64(fields[2], strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None, None, "bad_base64"
+    return (fields[0], data, None) if data else (None, None, "bad_base64")
+
+
+def test_lines_split_as_bytes_get_the_verdicts_of_the_decoded_text():
+    image = jpeg_b64((40, 40)).encode()
+    lines = [b"cap\t_\t" + image + b"\n", "caf\u00e9 \U0001f600\t_\t".encode() + image + b"\r\n", b"cap\t_\t" + image + b"\textra\tcols\n",
+             b"cap\t_\tQUJD=\n", b"cap\t_\tQUJD\n", b"cap\t_\tQUJ\n", b"cap\t_\t=QUJD\n", b"cap\t_\tQU JD\n", b"cap\t_\t\n", b"two\tcolumns\n",
+             b"\xff\xfe bad caption\t_\t" + image + b"\n", b"cap\t\xff\t" + image + b"\n", b"cap\t_\t" + image + b"\t\xc3(\n",
+             b"cap\t_\tQU\xffJD\n", "cap\t_\tQU\u00e9D\n".encode(), b"", b"\n"]
+    for raw in lines:
+        assert data.parse_line(raw) == text_rule(raw), raw[:40]
+
+
+def test_pixels_are_channels_first_in_rgb_order():
+    # Lossless, and at --resolution 64 a 64 x 64 image is neither scaled nor cropped.
+    hwc = np.zeros((64, 64, 3), np.uint8)
+    hwc[..., 0] = np.arange(64)[None, :] * 4  # red grows left to right
+    hwc[..., 1] = np.arange(64)[:, None] * 4  # green grows top to bottom
+    hwc[..., 2] = 77
+    buf = io.BytesIO()
+    Image.fromarray(hwc).save(buf, format="PNG")
+    pixels = data.decode_image(buf.getvalue(), 64)
+    assert pixels.shape == (3, 64, 64) and pixels.flags.writeable
+    np.testing.assert_array_equal(pixels, hwc.transpose(2, 0, 1))
 
 
 def test_pixels_are_resized_and_cropped():
