@@ -2,6 +2,7 @@
 import base64
 import binascii
 import io
+import itertools
 import json
 import os
 import re
@@ -219,7 +220,8 @@ def test_lines_split_as_bytes_get_the_verdicts_of_the_decoded_text():
     lines = [b"cap\t_\t" + image + b"\n", "caf\u00e9 \U0001f600\t_\t".encode() + image + b"\r\n", b"cap\t_\t" + image + b"\textra\tcols\n",
              b"cap\t_\tQUJD=\n", b"cap\t_\tQUJD\n", b"cap\t_\tQUJ\n", b"cap\t_\t=QUJD\n", b"cap\t_\tQU JD\n", b"cap\t_\t\n", b"two\tcolumns\n",
              b"\xff\xfe bad caption\t_\t" + image + b"\n", b"cap\t\xff\t" + image + b"\n", b"cap\t_\t" + image + b"\t\xc3(\n",
-             b"cap\t_\tQU\xffJD\n", "cap\t_\tQU\u00e9D\n".encode(), b"", b"\n"]
+             b"cap\t_\tQU\xffJD\n", "cap\t_\tQU\u00e9D\n".encode(), b"", b"\n", b"cap\t_\t" + image, b"cap\t_\t" + image + b"\t\r\n",
+             b"a\tb\t\n", b"\t\t\r\n", b"cap\t_\t" + image + b"\n\r\n", b"cap\t_\t" + image + b"\r\n\t"]
     for raw in lines:
         assert data.parse_line(raw) == text_rule(raw), raw[:40]
 
@@ -359,6 +361,23 @@ def collated(stream, batches, batch_size=4):
         out.append(batch)
         if len(out) == batches:
             return out
+
+
+def test_caption_dropout_is_drawn_per_record_from_its_place_in_the_stream(shapes):
+    """A record's caption is dropped iff default_rng([seed, shard, draw, 3]).random() < p, read
+    from the start or resumed at a draw that is not a multiple of the draws made at a time."""
+    from paddlenlp.transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
+    stream = data.TextImageStream(shapes["file_list"], 32, tokenizer, 16, 0.3, buffer_size=16, seed=7, rank=0, world_size=1)
+    empty = stream.encode_caption("")
+    samples = list(itertools.islice(stream, 128))
+    dropped = [bool((s["input_ids"] == empty).all()) for s in samples]
+    expected = [np.random.default_rng([7, 0, int(s["position"][0]), 3]).random() < 0.3 for s in samples]
+    assert dropped == expected and 20 < sum(dropped) < 60
+    stream.resume({"world_size": 1, "num_workers": 1, "batches": 37, "workers": {"0": {"position": samples[36]["position"].tolist(), "skips": [0]}}}, 0)
+    resumed = [bool((s["input_ids"] == empty).all()) for s in itertools.islice(stream, 128 - 37)]
+    assert resumed == dropped[37:]
 
 
 def test_a_pass_with_every_record_skipped_stops_the_run(tmp_path, shapes):
