@@ -351,10 +351,11 @@ def decode_image(data: bytes, resolution: int, max_aspect_ratio: Optional[float]
             image = image.crop((left, top, left + tw, top + th))
             # uint8 CHW: a quarter of float32's bytes through the workers' shared memory and the
             # collation; the model maps it to [-1, 1] on its device (ldm.model.to_model_range).
-            # Pillow splits the bands in C: half the time of numpy's strided HWC -> CHW copy.
+            # Pillow's raw packer writes one band at a time ("R", "G", "B"): a third of the time of
+            # numpy's strided HWC -> CHW copy, and of Image.split + numpy (~0.1 ms a record).
             pixels = np.empty((3, th, tw), np.uint8)
-            for c, band in enumerate(image.split()):
-                pixels[c] = band
+            for c, band in enumerate("RGB"):
+                pixels[c] = np.frombuffer(image.tobytes("raw", band), np.uint8).reshape(th, tw)
             return pixels
     except Skip:
         raise
