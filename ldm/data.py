@@ -612,6 +612,7 @@ class TextImageStream:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.caption_dropout = caption_dropout
+        self._dropouts: Dict[int, Tuple[int, List[bool]]] = {}  # shard -> (first draw, dropped?) of a block of draws
         self.buffer_size = buffer_size
         self.seed = seed
         self.parts_per_window = parts_per_window
@@ -656,7 +657,6 @@ class TextImageStream:
         stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes)
         stream.skips.where = f"rank {self.rank} worker {worker}"
         stream.carry = carry  # bucketed records read but not yet yielded (ldm.buckets)
-        stream.dropout_block = (0, [])  # (first draw, caption dropped?) of the next draws (_caption_dropped)
         if skips is not None:
             stream.skips.update(skips_from_vector(skips))
         return stream
@@ -740,20 +740,20 @@ class TextImageStream:
         sample = {key: rec[key], "skips": stream.skips.as_vector(), "worker": np.int64(worker),
                   "position": stream.state.copy(), "data_error": np.int64(0)}
         if self.tokenizer is not None:
-            drop = self._caption_dropped(stream, rec["draw"])
+            drop = self._caption_dropped(stream.shard, rec["draw"])
             sample["input_ids"] = self.encode_caption("" if drop else rec["caption"])
         return sample
 
-    def _caption_dropped(self, stream: ShardStream, draw: int) -> bool:
+    def _caption_dropped(self, shard: int, draw: int) -> bool:
         """Caption dropout for classifier-free guidance, seeded by the record's place in the stream
-        (its draw). The draws are made DROPOUT_BLOCK at a time, the same numbers: a seeded generator
-        made right after an image decode costs ~90 us (numpy's code has left the CPU caches), ~15 us
-        in a row."""
-        first, drops = stream.dropout_block
+        (its shard and draw). The draws are made DROPOUT_BLOCK at a time, the same numbers: a seeded
+        generator made right after an image decode costs ~90 us (numpy's code has left the CPU
+        caches), ~15 us in a row."""
+        first, drops = self._dropouts.get(shard, (0, []))
         if not first <= draw < first + len(drops):
-            drops = [np.random.default_rng([self.seed, stream.shard, d, 3]).random() < self.caption_dropout for d in range(draw, draw + DROPOUT_BLOCK)]
-            stream.dropout_block = (draw, drops)
             first = draw
+            drops = [np.random.default_rng([self.seed, shard, d, 3]).random() < self.caption_dropout for d in range(first, first + DROPOUT_BLOCK)]
+            self._dropouts[shard] = (first, drops)
         return drops[draw - first]
 
     def _bucketed_batches(self, stream: ShardStream, worker: int) -> Iterator[dict]:
