@@ -51,6 +51,10 @@ class ModelArguments:
     unet_config_file: str = field(
         default="config/ldm_32l/unet.json", metadata={"help": "From scratch: UNet2DConditionModel config JSON."}
     )
+    text_encoder_embedding_std: float = field(
+        default=0.02,
+        metadata={"help": "From scratch: std of LDMBert's token embeddings at init. 0.02 is the reference's; the attention's output at init is ~15x that, so every token's output is mostly the same mixture and only caption-wide attributes (colours) reach the UNet at first. 1.0 (torch's nn.Embedding default) keeps each word its own: the demo's shape and position scores need it (README Quick start)."},
+    )
     tokenizer_name: Optional[str] = field(
         default=None,
         metadata={"help": "From scratch: local directory with a BERT WordPiece vocab.txt (python -m ldm.tokenizer builds one); with --model_name_or_path its tokenizer/ is used instead."},
@@ -69,6 +73,10 @@ class ModelArguments:
         metadata={"help": "Keep the frozen autoencoder's encode in float32 under --fp16/--bf16 (by default it runs in the mixed-precision autocast: a quarter of an ldm_32l step's FLOPs at 256 px without cached latents)."},
     )
 
+    def __post_init__(self):
+        if not self.text_encoder_embedding_std > 0:
+            raise ValueError(f"--text_encoder_embedding_std must be > 0, got {self.text_encoder_embedding_std}")
+
 
 @dataclass
 class RecipeArguments:
@@ -80,13 +88,18 @@ class RecipeArguments:
     noise_offset: float = field(default=0.0, metadata={"help": "Offset noise: add this times a per-image, per-channel Gaussian constant to the noise (0.05-0.1 typical) so images can be very dark or bright; 0 = off."})
     input_perturbation: float = field(default=0.0, metadata={"help": "Perturb only the UNet's noisy input with this much extra noise (0.1 in Ning et al. 2023) against exposure bias; 0 = off."})
 
+    timestep_bias_strategy: str = field(default="none", metadata={"help": "Draw some training timesteps more often (as diffusers' SDXL script): later = the noisiest --timestep_bias_portion, where the layout is decided; earlier = the least noisy (fine detail); none = uniform."})
+    timestep_bias_multiplier: float = field(default=1.0, metadata={"help": "How many times as often the biased timesteps are drawn (1 = no bias)."})
+    timestep_bias_portion: float = field(default=0.25, metadata={"help": "Share of the timesteps the bias applies to."})
+
     def __post_init__(self):
         self.recipe().check()  # a bad combination stops at start-up (parse_args prints the one line)
 
     def recipe(self):
         from ldm.model import Recipe
 
-        return Recipe(self.prediction_type, self.snr_gamma, self.zero_terminal_snr, self.noise_offset, self.input_perturbation)
+        return Recipe(self.prediction_type, self.snr_gamma, self.zero_terminal_snr, self.noise_offset, self.input_perturbation,
+                      self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion)
 
 
 @dataclass

@@ -45,6 +45,12 @@ class Recipe:
     zero_terminal_snr: bool = False  # rescaled betas: SNR(T) = 0 (Lin et al. 2024)
     noise_offset: float = 0.0  # per-(image, channel) constant added to the noise (offset noise)
     input_perturbation: float = 0.0  # extra noise on the model's input only (Ning et al. 2023)
+    # Timestep bias (diffusers' train_text_to_image_sdxl flags): draw the `portion` of the
+    # timesteps at one end `multiplier` times as often. "later" (noisier) timesteps are where
+    # the layout is decided: from pure noise only the caption says where the object goes.
+    timestep_bias_strategy: str = "none"  # "none", "later" (high t) or "earlier" (low t)
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
 
     def check(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -55,6 +61,20 @@ class Recipe:
         for flag in ("snr_gamma", "noise_offset", "input_perturbation"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        if self.timestep_bias_strategy not in ("none", "later", "earlier"):
+            raise ValueError(f"--timestep_bias_strategy must be none, later or earlier, got {self.timestep_bias_strategy!r}")
+        if self.timestep_bias_multiplier <= 0 or not 0 < self.timestep_bias_portion <= 1:
+            raise ValueError("--timestep_bias_multiplier must be > 0 and --timestep_bias_portion in (0, 1]")
+
+    def timestep_weights(self, num_train_timesteps: int) -> np.ndarray:
+        """Relative frequency of each training timestep (all equal unless biased)."""
+        weights = np.ones(num_train_timesteps, dtype="float64")
+        biased = max(1, int(round(self.timestep_bias_portion * num_train_timesteps)))
+        if self.timestep_bias_strategy == "later":
+            weights[-biased:] *= self.timestep_bias_multiplier
+        elif self.timestep_bias_strategy == "earlier":
+            weights[:biased] *= self.timestep_bias_multiplier
+        return weights / weights.sum()
 
     def schedule(self) -> dict:
         """The scheduler config both training and sampling need, so the exported scheduler/ samples right."""
@@ -64,6 +84,15 @@ class Recipe:
             # timestep, which "trailing" spacing does and the default "leading" does not.
             config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
         return config
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, recipe: Recipe) -> paddle.Tensor:
+    """n training timesteps, uniform or with the recipe's timestep bias (paddle's RNG either way,
+    so a resumed run draws what it would have)."""
+    if recipe.timestep_bias_strategy == "none" or recipe.timestep_bias_multiplier == 1.0:
+        return paddle.randint(0, num_train_timesteps, (n,)).astype("int64")
+    weights = paddle.to_tensor(recipe.timestep_weights(num_train_timesteps).astype("float32"))
+    return paddle.multinomial(weights, n, replacement=True).astype("int64")
 
 
 def sample_noise(shape, dtype, offset: float = 0.0) -> paddle.Tensor:
@@ -226,19 +255,20 @@ def build_unet(config_file: str) -> UNet2DConditionModel:
 
 
 @paddle.no_grad()
-def init_like_reference(text_encoder: LDMBertModel, unet: UNet2DConditionModel) -> None:
+def init_like_reference(text_encoder: LDMBertModel, unet: UNet2DConditionModel, token_embedding_std: float = 0.02) -> None:
     """Initialise fresh weights the way the PyTorch reference does.
 
     Paddle's defaults differ from torch's (Xavier for Linear, not kaiming-uniform(a=sqrt(5))),
     so first reset every Conv/Linear/Embedding/Norm to torch's defaults
     (ppdiffusers' `reset_initialized_parameter`: U(-1/sqrt(fan_in), 1/sqrt(fan_in))), then:
-      * LDMBert token and position embeddings ~ N(0, 0.02) (x-transformers' init in the reference);
+      * LDMBert token and position embeddings ~ N(0, 0.02) (x-transformers' init in the reference;
+        the token embeddings' std is `token_embedding_std`, --text_encoder_embedding_std);
       * the UNet's output conv, each ResBlock's second conv and each spatial transformer's
         output projection are zero, as `zero_module(...)` in CompVis' openaimodel.py makes them,
         so every residual branch starts as the identity.
     """
     reset_initialized_parameter(text_encoder)
-    normal_(text_encoder.model.embed_tokens.weight, 0.0, 0.02)
+    normal_(text_encoder.model.embed_tokens.weight, 0.0, token_embedding_std)
     normal_(text_encoder.model.embed_positions.weight, 0.0, 0.02)
     reset_initialized_parameter(unet)
     zeros_(unet.conv_out.weight)
@@ -323,7 +353,8 @@ class LatentDiffusionModel(nn.Layer):
                    tokenizer, recipe)
 
     @classmethod
-    def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None, recipe=None):
+    def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None, recipe=None,
+                     token_embedding_std=0.02):
         # Validate every path before building anything large.
         require_local(vae_path, "--vae_name_or_path")
         require_local(text_encoder_config_file, "--text_encoder_config_file", "file")
@@ -338,7 +369,7 @@ class LatentDiffusionModel(nn.Layer):
             raise ValueError(f"--unet_config_file has in_channels={unet.config.in_channels} but the autoencoder makes {vae.config.latent_channels}-channel latents")
         if unet.config.cross_attention_dim != text_encoder.config.d_model:
             raise ValueError(f"--unet_config_file has cross_attention_dim={unet.config.cross_attention_dim} but LDMBert's d_model is {text_encoder.config.d_model}")
-        init_like_reference(text_encoder, unet)
+        init_like_reference(text_encoder, unet, token_embedding_std)
         return cls(vae, text_encoder, unet, tokenizer, recipe)
 
     def trainable_parameters(self) -> List[paddle.Tensor]:
@@ -405,7 +436,7 @@ class LatentDiffusionModel(nn.Layer):
         latents = self.encode_latents(pixel_values) if latent_moments is None else self.latents_from_moments(latent_moments)
         recipe = self.recipe
         noise = sample_noise(latents.shape, latents.dtype, recipe.noise_offset)
-        timesteps = paddle.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).astype("int64")
+        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler.config.num_train_timesteps, recipe)
         model_noise = noise
         if recipe.input_perturbation:
             # Input perturbation (Ning et al. 2023): the input is noised a little more than the
@@ -535,6 +566,7 @@ def create_model(model_args, resolution: int, seed: int, recompute: bool = False
         model = LatentDiffusionModel.from_scratch(
             model_args.vae_name_or_path, model_args.text_encoder_config_file, model_args.unet_config_file,
             resolve_tokenizer(model_args), model_args.model_max_length, seed=seed, recipe=recipe,
+            token_embedding_std=model_args.text_encoder_embedding_std,
         )
     if resolution % model.vae_scale:
         raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling factor {model.vae_scale}")

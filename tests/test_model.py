@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import paddle
 import pytest
 
@@ -71,3 +72,30 @@ def test_hub_name_fails_fast_with_one_line(tmp_path):
                       "--model_name_or_path", "CompVis/ldm_laion400M_pretrain", "--max_steps", "1"], timeout=120)
     assert res.returncode == 2
     assert "not a local directory" in res.stderr and "--model_name_or_path" in res.stderr
+
+
+def test_text_encoder_embedding_std_keeps_each_word_its_own(shapes, vae_dir):
+    """At the reference's 0.02 a fresh LDMBert's output at a word's position barely depends on
+    that word (attention's shared mixture is ~15x the embedding), so the UNet cannot tell where
+    "left" and "right" differ; at 1.0 (--text_encoder_embedding_std, the demo's) it does."""
+    import paddle
+
+    from ldm.model import LatentDiffusionModel
+    from ldm.sample_data import caption_for
+
+    tokenizer = None
+    own_vs_rest = {}
+    for std in (0.02, 1.0):
+        model = LatentDiffusionModel.from_scratch(str(vae_dir), "config/tiny/ldmbert.json", "config/tiny/unet.json", shapes["tokenizer"], 16,
+                                                  seed=0, token_embedding_std=std)
+        model.eval()
+        assert abs(float(model.text_encoder.model.embed_tokens.weight.std()) - std) < 0.05 * std
+        tokenizer = model.tokenizer
+        ids = [tokenizer(caption_for("circle", "red", "blue", where), padding="max_length", max_length=16)["input_ids"] for where in ("on the left", "on the right")]
+        differs = [i for i, (a, b) in enumerate(zip(*ids)) if a != b]
+        assert len(differs) == 1, ids
+        with paddle.no_grad():
+            left, right = (model.text_encoder(paddle.to_tensor([x]))[0][0] for x in ids)
+        change = (left - right).abs().mean(axis=1).numpy()
+        own_vs_rest[std] = change[differs[0]] / np.delete(change, differs[0]).mean()
+    assert own_vs_rest[0.02] < 4 and own_vs_rest[1.0] > 10, own_vs_rest

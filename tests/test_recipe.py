@@ -63,6 +63,24 @@ def test_offset_noise_adds_one_constant_per_image_and_channel():
     assert np.abs(delta).max() > 1e-3 and len(np.unique(delta[:, :, 0, 0].round(6))) == 8  # differs per (image, channel)
 
 
+
+def test_timestep_bias_draws_the_biased_end_more_often():
+    from ldm.model import sample_timesteps
+
+    paddle.seed(0)
+    later = Recipe("v_prediction", timestep_bias_strategy="later", timestep_bias_multiplier=4, timestep_bias_portion=0.3)
+    weights = later.timestep_weights(1000)
+    assert np.isclose(weights.sum(), 1) and np.isclose(weights[-1] / weights[0], 4) and np.isclose(weights[699], weights[0])
+    drawn = sample_timesteps(20000, 1000, later).numpy()
+    assert drawn.min() >= 0 and drawn.max() <= 999
+    assert abs((drawn >= 700).mean() - 1.2 / 1.9) < 0.02  # 0.3 x 4 of 0.7 + 0.3 x 4
+    earlier = sample_timesteps(20000, 1000, Recipe(timestep_bias_strategy="earlier", timestep_bias_multiplier=4, timestep_bias_portion=0.3)).numpy()
+    assert abs((earlier < 300).mean() - 1.2 / 1.9) < 0.02
+    uniform = sample_timesteps(20000, 1000, Recipe()).numpy()
+    assert abs((uniform >= 700).mean() - 0.3) < 0.02
+    with pytest.raises(ValueError, match="none, later or earlier"):
+        Recipe(timestep_bias_strategy="late").check()
+
 def test_bad_recipes_stop_at_startup(shapes, vae_dir, tmp_path):
     res = run_script(ldm_args(shapes, vae_dir, tmp_path / "o", 1, ["--zero_terminal_snr"]), timeout=120)
     assert res.returncode == 2 and "--zero_terminal_snr needs --prediction_type v_prediction" in res.stderr.strip().splitlines()[-1]
@@ -82,7 +100,7 @@ def test_full_recipe_trains_and_the_stock_pipeline_samples_it(shapes, vae_dir, t
             "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
             "--file_list", shapes["file_list"], "--model_max_length", "16", "--tokenizer_name", shapes["tokenizer"],
             "--resolution", "32", "--image_logging_steps", "3", "--num_inference_steps", "2",
-            "--prediction_type", "v_prediction", "--snr_gamma", "5", "--zero_terminal_snr", "--noise_offset", "0.1",
+            "--prediction_type", "v_prediction", "--snr_gamma", "5", "--zero_terminal_snr", "--noise_offset", "0.1", "--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "2",
             "--input_perturbation", "0.1"]
     res = run_script(args)
     assert res.returncode == 0, res.stderr[-3000:]
