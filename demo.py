@@ -51,8 +51,8 @@ def run(step, cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="demo_output", help="Where data, models and the grid are written.")
-    parser.add_argument("--vae_steps", type=int, default=600, help="Stage-1 optimizer steps.")
-    parser.add_argument("--ldm_steps", type=int, default=1500, help="Stage-2 optimizer steps.")
+    parser.add_argument("--vae_steps", type=int, default=500, help="Stage-1 optimizer steps.")
+    parser.add_argument("--ldm_steps", type=int, default=1000, help="Stage-2 optimizer steps.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per optimizer step in both stages.")
     parser.add_argument("--samples_per_prompt", type=int, default=4, help="Columns of the grid.")
     args = parser.parse_args()
