@@ -91,8 +91,18 @@ def sample_timesteps(n: int, num_train_timesteps: int, recipe: Recipe) -> paddle
     so a resumed run draws what it would have)."""
     if recipe.timestep_bias_strategy == "none" or recipe.timestep_bias_multiplier == 1.0:
         return paddle.randint(0, num_train_timesteps, (n,)).astype("int64")
-    weights = paddle.to_tensor(recipe.timestep_weights(num_train_timesteps).astype("float32"))
-    return paddle.multinomial(weights, n, replacement=True).astype("int64")
+    return paddle.multinomial(_bias_weights(recipe, num_train_timesteps), n, replacement=True).astype("int64")
+
+
+_BIAS_WEIGHTS = {}
+
+
+def _bias_weights(recipe: Recipe, num_train_timesteps: int) -> paddle.Tensor:
+    """The biased timesteps' weights as a tensor, built once per recipe (not every step)."""
+    key = (recipe.timestep_bias_strategy, recipe.timestep_bias_multiplier, recipe.timestep_bias_portion, num_train_timesteps)
+    if key not in _BIAS_WEIGHTS:
+        _BIAS_WEIGHTS[key] = paddle.to_tensor(recipe.timestep_weights(num_train_timesteps).astype("float32"))
+    return _BIAS_WEIGHTS[key]
 
 
 def sample_noise(shape, dtype, offset: float = 0.0) -> paddle.Tensor:
