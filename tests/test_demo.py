@@ -22,3 +22,23 @@ def test_a_batch_that_does_not_split_over_the_processes_stops_at_start_up(tmp_pa
 
 def test_the_default_is_one_process_per_core_up_to_two_on_a_cpu():
     assert demo.default_processes() == min(2, len(demo.os.sched_getaffinity(0)))
+
+
+def test_the_demo_unet_reads_the_caption_at_every_level_and_attends_to_itself_below_16x16():
+    """config/demo/unet.json: at the 16x16 latents, where the shape's edges are drawn, both
+    attention layers read the caption (the cheapest way to give that level the text: self-attention
+    over 256 positions would cost more); at 8x8 and 4x4 the usual self- then cross-attention."""
+    import json
+
+    import paddle
+    from ppdiffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(json.load(open("config/demo/unet.json")))
+    first = lambda block: block.attentions[0].transformer_blocks[0]
+    text_width = unet.config.cross_attention_dim
+    for block in (unet.down_blocks[0], unet.up_blocks[-1]):  # 16x16: 32 channels, keys from the 64-wide text
+        assert first(block).attn1.to_k.weight.shape[0] == text_width and first(block).attn2.to_k.weight.shape[0] == text_width
+    for block in (unet.down_blocks[1], unet.up_blocks[1]):  # 8x8
+        assert not first(block).only_cross_attention
+    out = unet(paddle.randn([1, 4, 16, 16]), paddle.to_tensor([10]), paddle.randn([1, 16, text_width])).sample
+    assert out.shape == [1, 4, 16, 16]
