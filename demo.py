@@ -9,7 +9,9 @@
      one row per prompt, print its path and, last, how many samples match their prompt's
      background colour, shape colour, shape and position (ldm.sample_data.read_shape).
 Each step is the real command-line tool, run as a subprocess, so the demo exercises exactly
-what a user runs. Re-running continues from what is already in --output_dir.
+what a user runs; on a CPU the two training stages run as 2 processes through
+paddle.distributed.launch, as a multi-GPU run does. Re-running continues from what is already
+in --output_dir.
 """
 import argparse
 import os
@@ -48,10 +50,11 @@ def default_processes():
     """One process on a GPU (this model is far too small to split); on a CPU, one per core, up to 2."""
     import paddle
 
+    from ldm.runtime import usable_cores
+
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(2, cores)
+    return min(2, usable_cores())
 
 
 def trainer(processes, script, log_dir):

@@ -9,6 +9,11 @@ from typing import Optional
 import paddle
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_cpu_threads(n: int = 0, data_workers: int = 0) -> int:
     """Paddle runs CPU kernels on one thread unless told; give it the cores nobody else uses.
 
@@ -19,7 +24,7 @@ def set_cpu_threads(n: int = 0, data_workers: int = 0) -> int:
     took 350 ms with 2 threads and 178 ms with 1 (bench/train_step.py --threads, README "Speed").
     """
     if n <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         local = int(os.environ.get("PADDLE_LOCAL_SIZE", os.environ.get("PADDLE_TRAINERS_NUM", "1")) or 1)
         n = max(1, cores // max(1, local) - data_workers)
     paddle.base.core.set_num_threads(n)
