@@ -1,5 +1,6 @@
 """demo.py's own logic (the training it runs is the scripts' tests' business): how it splits
 the batch over processes and starts them."""
+import os
 import sys
 
 from conftest import run_script
@@ -21,9 +22,14 @@ def test_a_batch_that_does_not_split_over_the_processes_stops_at_start_up(tmp_pa
 
 
 def test_the_default_is_one_process_per_core_up_to_two_on_a_cpu():
-    from ldm.runtime import usable_cores
-
-    assert demo.default_processes() == min(2, usable_cores())
+    """A machine that gives us one core runs the plain script (no launcher); more cores, 2 processes."""
+    code = ("import os, sys; sys.path.insert(0, '.'); os.sched_setaffinity(0, {cores}); import demo; "
+            "print('processes', demo.default_processes())")
+    one = run_script(["-c", code.format(cores="{0}")], timeout=120)
+    assert one.returncode == 0 and "processes 1" in one.stdout, one.stderr[-2000:]
+    if len(os.sched_getaffinity(0)) >= 2:
+        two = run_script(["-c", code.format(cores="os.sched_getaffinity(0)")], timeout=120)
+        assert two.returncode == 0 and "processes 2" in two.stdout, two.stderr[-2000:]
 
 
 def test_the_demo_unet_reads_the_caption_at_every_level_and_attends_to_itself_below_16x16():
