@@ -121,7 +121,7 @@ def main():
         run("cache latents", [py, "-m", "ldm.cache_latents", "--file_list", file_list, "--vae_name_or_path", vae,
                               "--resolution", "32", "--output_dir", latents])
     # 5. Stage 2. The UNet (config/demo/unet.json) reads the caption at 16x16 too, where the shape's
-    # edges are drawn: with cross-attention only at 8x8 and 4x4 it drew blobs (shape 7-17/24 in 5 runs).
+    # edges are drawn: with cross-attention only at 8x8 and 4x4 it drew blobs (shape 7-17/24 in 4 runs).
     ldm = os.path.join(out, "ldm")
     if not os.path.isfile(os.path.join(ldm, "model_index.json")):
         run("stage 2: LDMBert + UNet", [*trainer(args.processes, "train_txt2img_laion400m_trainer.py", os.path.join(out, "logs", "ldm")), "--output_dir", ldm,
