@@ -53,7 +53,7 @@ class ModelArguments:
     )
     text_encoder_embedding_std: float = field(
         default=0.02,
-        metadata={"help": "From scratch: std of LDMBert's token embeddings at init. 0.02 is the reference's; the attention's output at init is ~15x that, so every token's output is mostly the same mixture and only caption-wide attributes (colours) reach the UNet at first. 1.0 (torch's nn.Embedding default) keeps each word its own: the demo's shape and position scores need it (README Quick start)."},
+        metadata={"help": "From scratch: std of LDMBert's token embeddings at init. 0.02 is the reference's; the attention's output at init is ~15x that, so every token's output is mostly the same mixture and only caption-wide attributes (colours) reach the UNet at first. 1.0 (torch's nn.Embedding default) keeps each word its own: the demo's position score needs it (README Quick start)."},
     )
     tokenizer_name: Optional[str] = field(
         default=None,

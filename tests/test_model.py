@@ -78,12 +78,9 @@ def test_text_encoder_embedding_std_keeps_each_word_its_own(shapes, vae_dir):
     """At the reference's 0.02 a fresh LDMBert's output at a word's position barely depends on
     that word (attention's shared mixture is ~15x the embedding), so the UNet cannot tell where
     "left" and "right" differ; at 1.0 (--text_encoder_embedding_std, the demo's) it does."""
-    import paddle
-
     from ldm.model import LatentDiffusionModel
     from ldm.sample_data import caption_for
 
-    tokenizer = None
     own_vs_rest = {}
     for std in (0.02, 1.0):
         model = LatentDiffusionModel.from_scratch(str(vae_dir), "config/tiny/ldmbert.json", "config/tiny/unet.json", shapes["tokenizer"], 16,

@@ -63,7 +63,6 @@ def test_offset_noise_adds_one_constant_per_image_and_channel():
     assert np.abs(delta).max() > 1e-3 and len(np.unique(delta[:, :, 0, 0].round(6))) == 8  # differs per (image, channel)
 
 
-
 def test_timestep_bias_draws_the_biased_end_more_often():
     from ldm.model import sample_timesteps
 
@@ -80,6 +79,7 @@ def test_timestep_bias_draws_the_biased_end_more_often():
     assert abs((uniform >= 700).mean() - 0.3) < 0.02
     with pytest.raises(ValueError, match="none, later or earlier"):
         Recipe(timestep_bias_strategy="late").check()
+
 
 def test_bad_recipes_stop_at_startup(shapes, vae_dir, tmp_path):
     res = run_script(ldm_args(shapes, vae_dir, tmp_path / "o", 1, ["--zero_terminal_snr"]), timeout=120)
