@@ -29,6 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=4, help="Images denoised together; does not change the images.")
     parser.add_argument("--height", type=int, help="Output height in pixels, a multiple of the autoencoder's factor; default: the size the model was trained at.")
     parser.add_argument("--width", type=int, help="Output width in pixels; default: the size the model was trained at.")
+    parser.add_argument("--trust_pickle", action="store_true", help="Also read pickled weights (an old Trainer checkpoint's model_state.pdparams, diffusers' .bin): a pickle can run code while it loads, so only for files you trust.")
     parser.add_argument("--no_ema", action="store_true", help="From a checkpoint, use the raw trained weights instead of its EMA weights.")
     parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for Paddle's kernels; 0 uses every core available.")
     args = parser.parse_args(argv)

@@ -68,6 +68,10 @@ class ModelArguments:
         default=True,
         metadata={"help": "UNet attention through Paddle's memory-efficient / flash kernels when this Paddle build has them (CUDA builds; the start-up log says which); a CPU build keeps standard attention. --no_enable_xformers_memory_efficient_attention turns it off."},
     )
+    trust_pickle: bool = field(
+        default=False,
+        metadata={"help": "Also read pickled files (old checkpoints' .pdparams/.pdopt/.pth, diffusers' .bin weights): a pickle can run code while it loads, so only for files you wrote yourself or trust (ldm.safeload)."},
+    )
     vae_encode_fp32: bool = field(
         default=False,
         metadata={"help": "Keep the frozen autoencoder's encode in float32 under --fp16/--bf16 (by default it runs in the mixed-precision autocast: a quarter of an ldm_32l step's FLOPs at 256 px without cached latents)."},

@@ -129,6 +129,7 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="Sampler (see generate.py).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the starting noise of the generated images and the order the real records are read in.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images generated together, and through the Inception network together.")
+    parser.add_argument("--trust_pickle", action="store_true", help="Also read pickled weights (an old Trainer checkpoint's model_state.pdparams, diffusers' .bin): a pickle can run code while it loads, so only for files you trust.")
     parser.add_argument("--no_ema", action="store_true", help="From a checkpoint, use the raw trained weights instead of its EMA weights.")
     parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for Paddle's kernels; 0 uses every core available.")
     args = parser.parse_args(argv)
