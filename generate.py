@@ -57,7 +57,7 @@ def main(argv=None):
         set_cpu_threads(args.num_threads)
 
         # Load the model (a pipeline directory or a checkpoint) and choose the sampler:
-        pipe, weights = load_pipeline(args.model_dir, use_ema=not args.no_ema)
+        pipe, weights = load_pipeline(args.model_dir, use_ema=not args.no_ema, trust_pickle=args.trust_pickle)
         set_scheduler(pipe, args.scheduler)
         height, width = check_size(pipe, args.height, args.width)
         os.makedirs(os.path.dirname(os.path.abspath(args.output)) if args.grid else args.output, exist_ok=True)

@@ -266,6 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", required=True, help="Where the cached parts, their filelists and train.filelist.list go.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images encoded together.")
     parser.add_argument("--num_threads", type=int, default=0, help="CPU threads per process; 0 shares the cores between the local processes.")
+    parser.add_argument("--trust_pickle", action="store_true", help="Also read pickled autoencoder weights (diffusers' .bin, model_state.pdparams): a pickle can run code while it loads, so only for files you trust.")
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.batch_size <= 0:
         parser.error("--resolution and --batch_size must be > 0")
@@ -284,7 +285,7 @@ def main(argv=None) -> int:
     try:
         require_writable_dir(args.output_dir)
         pairs, lists = plan(args.file_list, args.output_dir)
-        vae = load_autoencoder(args.vae_name_or_path)
+        vae = load_autoencoder(args.vae_name_or_path, trust_pickle=args.trust_pickle)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -158,7 +158,7 @@ def main(argv=None):
         require_writable_dir(args.output_dir)
         set_cpu_threads(args.num_threads)
         inception = load_fid_inception(args.inception_weights)
-        pipe, weights = load_pipeline(args.model_dir, use_ema=not args.no_ema)
+        pipe, weights = load_pipeline(args.model_dir, use_ema=not args.no_ema, trust_pickle=args.trust_pickle)
         set_scheduler(pipe, args.scheduler)
         size = trained_size(pipe)
         records, skips = real_records(args.file_list, args.num_images, size, args.seed)

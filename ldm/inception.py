@@ -21,6 +21,11 @@ no antialiasing, as torch's `F.interpolate`) and scaled to [-1, 1]. Output: 2048
 Reading the files: both are zip archives (a legacy non-zip `torch.save` file is read too)
 whose `data.pkl` pickle refers to tensor storages by persistent id; a restricted unpickler
 rebuilds the tensors with numpy and refuses any other object, so no code in the file runs.
+Every pickle in either format goes through it (`_WeightsUnpickler.find_class` returns only
+OrderedDict, inert records and the storage/rebuild stand-ins below; a legacy file's header
+pickles are plain ints, dicts and lists), and each tensor's size and strides are checked
+against its storage before numpy views it, so a crafted file can neither run code nor make
+the reader look outside its own bytes. No --trust_pickle is needed or taken.
 """
 import io
 import os
@@ -266,7 +271,7 @@ def fid_state_dict(path: str) -> Dict[str, np.ndarray]:
         raise ValueError(f"--inception_weights {path!r} does not exist. {WEIGHTS_HELP}")
     try:
         tensors = read_torch_file(path)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, struct.error) as e:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, struct.error, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"--inception_weights {path!r} is not a PyTorch weights file this reader knows ({e}). {WEIGHTS_HELP}") from None
     if "Mixed_7c.branch_pool.conv.weight" in tensors:  # pytorch-fid's own state dict
         return tensors
@@ -377,14 +382,18 @@ def read_torch_file(path: str) -> Dict[str, np.ndarray]:
                 return np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype=dtype)
 
             return {name: _materialise(ref, storage) for name, ref in refs}
-    # The legacy format: magic, protocol, system info, the object, storage keys, then the storages.
+    # The legacy format: magic, protocol, system info, the object, storage keys, then the
+    # storages. Every one of those pickles through the restricted unpickler: a plain
+    # pickle.load of the header would run whatever a crafted file puts there.
     with open(path, "rb") as f:
-        if pickle.load(f) != _LEGACY_MAGIC:
+        if _WeightsUnpickler(f).load() != _LEGACY_MAGIC:
             raise ValueError("neither a zip archive nor a legacy torch.save file")
-        pickle.load(f)
-        pickle.load(f)
+        _WeightsUnpickler(f).load()
+        _WeightsUnpickler(f).load()
         root = _WeightsUnpickler(f).load()
-        keys = pickle.load(f)
+        keys = _WeightsUnpickler(f).load()
+        if not isinstance(keys, list):
+            raise ValueError("a legacy torch.save file whose storage keys are not a list")
         storages = {}
         dtypes = {ref.storage[0]: ref.storage[1] for _, ref in _tensor_refs(root)}
         for key in keys:
@@ -410,6 +419,15 @@ def _tensor_refs(obj, prefix: str = "") -> List[Tuple[str, _TensorRef]]:
 def _materialise(ref: _TensorRef, storage) -> np.ndarray:
     key, dtype = ref.storage
     flat = storage(key, dtype)
+    # as_strided does no bounds checks: a size or stride the file made up would read memory
+    # past the storage, so check the furthest element first.
+    numbers = (ref.offset, *ref.size, *ref.stride)
+    if not all(isinstance(n, int) and n >= 0 for n in numbers) or len(ref.size) != len(ref.stride):
+        raise ValueError(f"tensor of storage {key} has a bad offset, size or stride")
+    if all(ref.size):  # (a tensor with a zero-length side reads nothing)
+        last = ref.offset + sum((d - 1) * st for d, st in zip(ref.size, ref.stride))
+        if last >= flat.size:
+            raise ValueError(f"tensor of storage {key} reaches element {last}, past its {flat.size}")
     if not ref.size:
         return flat[ref.offset:ref.offset + 1].reshape(()).copy()
     strides = [s * flat.itemsize for s in ref.stride]

@@ -4,12 +4,18 @@ A model directory is one of
   * a pipeline directory (SPEC section 3: model_index.json, vqvae/, bert/, tokenizer/, unet/,
     scheduler/): the final --output_dir of either training script, or anything stock
     `LDMTextToImagePipeline.save_pretrained` wrote. It is loaded with stock ppdiffusers.
-  * a `checkpoint-N/` of either training script: the explicit loop's `model.safetensors` or the
-    Trainer's `model_state.pdparams`, optionally `ema.safetensors`, and `args.json` (the run's
-    arguments). The model is rebuilt from args.json with `ldm.model.create_model`, as the run
-    built it, and the checkpoint's weights (the EMA ones when present) are loaded on top.
+  * a `checkpoint-N/` of either training script: `model.safetensors` (the trainable weights),
+    or an old Trainer checkpoint's `model_state.pdparams`, optionally `ema.safetensors`, and
+    `args.json` (the run's arguments). The model is rebuilt from args.json with
+    `ldm.model.create_model`, as the run built it, and the checkpoint's weights (the EMA ones
+    when present) are loaded on top.
 Either way the result is a stock `LDMTextToImagePipeline`, and sampling goes through its
 `__call__`, as a user of the exported model would sample.
+
+Nothing is unpickled unless `trust_pickle` (--trust_pickle): a pickled weight file, in the
+checkpoint or in a directory its args.json names, stops the load with one line before it is
+opened, and a model_index.json naming code outside ppdiffusers/paddlenlp is refused before
+anything is imported (ldm.safeload).
 """
 import dataclasses
 import json
@@ -29,24 +35,35 @@ SCHEDULERS = ("ddim", "pndm", "dpm")
 # ---------------------------------------------------------------------------
 
 
-def load_pipeline(model_dir: str, use_ema: bool = True) -> Tuple["LDMTextToImagePipeline", str]:
+def load_pipeline(model_dir: str, use_ema: bool = True, trust_pickle: bool = False) -> Tuple["LDMTextToImagePipeline", str]:
     """The pipeline of a model directory and a few words on which weights it holds.
 
-    Raises ValueError with one line naming what is missing when `model_dir` is neither kind."""
+    Raises ValueError with one line naming what is missing when `model_dir` is neither kind,
+    or what was refused (ldm.safeload) when it would need a pickle or foreign code."""
     kind = model_dir_kind(model_dir)
     if kind == "pipeline":
         if not use_ema:
             raise ValueError(f"--no_ema needs a checkpoint-N directory: the pipeline directory {model_dir!r} holds one set of weights "
                              f"(the EMA ones if the run used --use_ema)")
-        from ppdiffusers import LDMTextToImagePipeline
-
-        pipe = LDMTextToImagePipeline.from_pretrained(model_dir)
+        pipe = load_stock_pipeline(model_dir, trust_pickle)
         weights = "pipeline"
     else:
-        model, weights = model_from_checkpoint(model_dir, use_ema)
+        model, weights = model_from_checkpoint(model_dir, use_ema, trust_pickle)
         pipe = model.to_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe, weights
+
+
+def load_stock_pipeline(model_dir: str, trust_pickle: bool = False, flag: str = "--model_dir"):
+    """Stock `LDMTextToImagePipeline.from_pretrained(model_dir)`, after ldm.safeload has checked
+    that it will import nothing but ppdiffusers/paddlenlp classes and, without `trust_pickle`,
+    read no pickle."""
+    from ppdiffusers import LDMTextToImagePipeline
+
+    from ldm.safeload import check_pipeline_dir
+
+    check_pipeline_dir(model_dir, trust_pickle, flag)
+    return LDMTextToImagePipeline.from_pretrained(model_dir)
 
 
 def model_dir_kind(model_dir: str) -> str:
@@ -73,27 +90,36 @@ def model_dir_kind(model_dir: str) -> str:
                      f"model_state.pdparams (a checkpoint-N of a training run)")
 
 
-def model_from_checkpoint(path: str, use_ema: bool = True):
+def model_from_checkpoint(path: str, use_ema: bool = True, trust_pickle: bool = False):
     """The LatentDiffusionModel of a checkpoint-N (eval mode) and which weights it holds."""
     from safetensors.numpy import load_file
 
     from ldm.args import ModelArguments, RecipeArguments
     from ldm.checkpoint import check_state_shapes, trainable_state
     from ldm.model import create_model, read_json
+    from ldm.safeload import load_pickle, refuse
 
+    safe_file, pickle_file = os.path.join(path, "model.safetensors"), os.path.join(path, "model_state.pdparams")
+    if not os.path.isfile(safe_file) and not trust_pickle:
+        # Before the model is built (minutes and GBs for ldm_32l): an old Trainer checkpoint's
+        # whole model is a pickle.
+        raise refuse(pickle_file, "an old Trainer checkpoint's weights, a Paddle pickle")
     saved = read_json(os.path.join(path, "args.json"))
     try:
         model_args, recipe_args = (cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
                                    for cls in (ModelArguments, RecipeArguments))
+        # Trust is the caller's to give, never the checkpoint's: args.json records the run's
+        # --trust_pickle, and a file we did not write could say anything there.
+        model_args = dataclasses.replace(model_args, trust_pickle=trust_pickle)
         # The recipe (prediction type, zero-terminal-SNR betas) goes into the sampler's config.
         model = create_model(model_args, int(saved["resolution"]), int(saved.get("seed", 0)), recipe=recipe_args.recipe())
     except ValueError as e:
         # args.json holds the paths as the run was given them: relative ones resolve against the current directory.
         raise ValueError(f"rebuilding the model of {path} from its args.json: {e}") from None
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        weights = load_file(os.path.join(path, "model.safetensors"))  # the explicit loop's trainable weights
+    if os.path.isfile(safe_file):
+        weights = load_file(safe_file)  # the trainable weights (either script)
     else:
-        weights = paddle.load(os.path.join(path, "model_state.pdparams"), return_numpy=True)  # the Trainer's whole model
+        weights = load_pickle(pickle_file, trust_pickle, "an old Trainer checkpoint's weights, a Paddle pickle", return_numpy=True)
     missing = sorted(set(trainable_state(model)) - set(weights))
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} of the model's weights (e.g. {missing[0]}); it belongs to a different model than its args.json describes")

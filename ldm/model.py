@@ -190,13 +190,17 @@ def load_tokenizer(path: str, model_max_length: int):
     return BertTokenizer.from_pretrained(path, model_max_length=model_max_length)
 
 
-def load_autoencoder(path: str, flag: str = "--vae_name_or_path"):
+def load_autoencoder(path: str, flag: str = "--vae_name_or_path", trust_pickle: bool = False):
     """An AutoencoderKL or VQModel directory, chosen by the `_class_name` in its config.json;
-    Paddle weights or a diffusers download's PyTorch ones (see `from_diffusers`)."""
+    Paddle weights or a diffusers download's PyTorch ones (see `from_diffusers`). Pickled weight
+    files (`.bin`, `.pdparams`, ...) only with `trust_pickle` (ldm.safeload.check_weights_dir)."""
+    from ldm.safeload import check_weights_dir
+
     require_local(path, flag)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{flag} {path!r} has no config.json; pass a directory written by train_vae.py, a pipeline's vqvae/ or a diffusers vae/")
+    check_weights_dir(path, trust_pickle, flag)
     cls = VQModel if read_json(config_file).get("_class_name") == "VQModel" else AutoencoderKL
     return cls.from_pretrained(path, from_diffusers=from_diffusers(path, flag))
 
@@ -220,15 +224,19 @@ def from_diffusers(path: str, flag: str) -> bool:
                      f"or diffusion_pytorch_model.safetensors or .bin (diffusers)")
 
 
-def load_text_encoder(path: str) -> LDMBertModel:
+def load_text_encoder(path: str, trust_pickle: bool = False) -> LDMBertModel:
     """LDMBert from a pipeline's bert/: Paddle weights (`model.safetensors` marked "np",
     `model_state.pdparams`) or a diffusers download's PyTorch ones (`pytorch_model.bin`, or
     `model.safetensors` marked "pt"). The PyTorch ones are converted here (Linear weights
     transposed, by ppdiffusers' converter) because ppdiffusers 0.29's own `from_diffusers` path
-    for LDMBert fails (a bug in LDMBertPretrainedModel._get_name_mappings)."""
+    for LDMBert fails (a bug in LDMBertPretrainedModel._get_name_mappings). The pickled ones
+    (`pytorch_model.bin`, `model_state.pdparams`) only with `trust_pickle`."""
     from safetensors import safe_open
 
     from ldm.checkpoint import check_state_shapes
+    from ldm.safeload import check_weights_dir
+
+    check_weights_dir(path, trust_pickle, "--model_name_or_path bert/")
 
     torch_file = None
     if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
@@ -335,12 +343,17 @@ class LatentDiffusionModel(nn.Layer):
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_pipeline_dir(cls, path: str, model_max_length: int, recipe: Optional[Recipe] = None) -> "LatentDiffusionModel":
+    def from_pipeline_dir(cls, path: str, model_max_length: int, recipe: Optional[Recipe] = None,
+                          trust_pickle: bool = False) -> "LatentDiffusionModel":
+        from ldm.safeload import check_pipeline_dir
+
         require_local(path, "--model_name_or_path")
         for sub in ("vqvae", "bert", "tokenizer", "unet"):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise ValueError(f"--model_name_or_path {path!r} has no {sub}/; pass a ppdiffusers LDMTextToImagePipeline directory")
-        text_encoder = load_text_encoder(os.path.join(path, "bert"))
+        # model_index.json, code and pickled weights, checked before any component loads:
+        check_pipeline_dir(path, trust_pickle, "--model_name_or_path")
+        text_encoder = load_text_encoder(os.path.join(path, "bert"), trust_pickle)
         positions = text_encoder.config.max_position_embeddings
         if model_max_length > positions:
             # The seed's commands always pass 77; a model trained with fewer positions cannot take more.
@@ -359,18 +372,18 @@ class LatentDiffusionModel(nn.Layer):
                 logger.warning(f"{path} was trained with prediction_type {trained_as}; this run trains {recipe.prediction_type} (--prediction_type)")
         unet_dir = os.path.join(path, "unet")
         unet = UNet2DConditionModel.from_pretrained(unet_dir, from_diffusers=from_diffusers(unet_dir, "--model_name_or_path"))
-        return cls(load_autoencoder(os.path.join(path, "vqvae"), "--model_name_or_path"), text_encoder, unet,
+        return cls(load_autoencoder(os.path.join(path, "vqvae"), "--model_name_or_path", trust_pickle), text_encoder, unet,
                    tokenizer, recipe)
 
     @classmethod
     def from_scratch(cls, vae_path, text_encoder_config_file, unet_config_file, tokenizer_path, model_max_length, seed=None, recipe=None,
-                     token_embedding_std=0.02):
+                     token_embedding_std=0.02, trust_pickle=False):
         # Validate every path before building anything large.
         require_local(vae_path, "--vae_name_or_path")
         require_local(text_encoder_config_file, "--text_encoder_config_file", "file")
         require_local(unet_config_file, "--unet_config_file", "file")
         tokenizer = load_tokenizer(tokenizer_path, model_max_length)
-        vae = load_autoencoder(vae_path)
+        vae = load_autoencoder(vae_path, trust_pickle=trust_pickle)
         if seed is not None:
             paddle.seed(seed)
         text_encoder = build_text_encoder(text_encoder_config_file, len(tokenizer), model_max_length)
@@ -571,12 +584,13 @@ def create_model(model_args, resolution: int, seed: int, recompute: bool = False
     if recipe is not None:
         recipe.check()  # before anything large is built
     if model_args.model_name_or_path:
-        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length, recipe)
+        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length, recipe,
+                                                       trust_pickle=model_args.trust_pickle)
     else:
         model = LatentDiffusionModel.from_scratch(
             model_args.vae_name_or_path, model_args.text_encoder_config_file, model_args.unet_config_file,
             resolve_tokenizer(model_args), model_args.model_max_length, seed=seed, recipe=recipe,
-            token_embedding_std=model_args.text_encoder_embedding_std,
+            token_embedding_std=model_args.text_encoder_embedding_std, trust_pickle=model_args.trust_pickle,
         )
     if resolution % model.vae_scale:
         raise ValueError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling factor {model.vae_scale}")

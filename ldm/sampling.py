@@ -1,7 +1,7 @@
 """Sampling from a trained model directory with stock ppdiffusers, as a user would."""
 from typing import Dict, List, Tuple
 
-from ldm.loading import save_grid
+from ldm.loading import load_stock_pipeline, save_grid
 from ldm.sample_data import SCORES, follows_prompt, parse_caption
 
 
@@ -12,9 +12,8 @@ def sample_grid(model_dir: str, prompts: List[str], per_prompt: int, path: str, 
     Returns (path, {score name: samples that match their prompt in it (SCORES)}, samples scored);
     only prompts in the sample data's caption format are scored."""
     import paddle
-    from ppdiffusers import LDMTextToImagePipeline
 
-    pipe = LDMTextToImagePipeline.from_pretrained(model_dir)
+    pipe = load_stock_pipeline(model_dir, flag="model directory")  # stock from_pretrained, after ldm.safeload's checks
     pipe.set_progress_bar_config(disable=True)
     latent = pipe.unet.config.sample_size
     # The stock pipeline makes latents of height // 8 whatever the autoencoder's factor,
