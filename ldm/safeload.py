@@ -30,7 +30,6 @@ def load_pickle(path: str, trust_pickle: bool, what: str = "a Paddle pickle", **
     return paddle.load(path, **paddle_load_kwargs)
 
 
-
 # ---------------------------------------------------------------------------
 # Model directories (a pipeline directory, its vqvae/ bert/ unet/, an autoencoder directory)
 # ---------------------------------------------------------------------------
@@ -66,8 +65,11 @@ def check_weights_dir(path: str, trust_pickle: bool, flag: str) -> None:
             hint = f" (to load the safetensors weights beside it, {beside[0]}, remove it)" if beside else ""
             raise refuse(os.path.join(path, name), f"{flag}'s pickled weights file{hint}")
         if name.endswith(".index.json"):
-            for shard in sorted(set(_read_json(os.path.join(path, name), flag).get("weight_map", {}).values())):
-                if not str(shard).endswith(".safetensors"):
+            weight_map = _read_json(os.path.join(path, name), flag).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{flag} {os.path.join(path, name)}: weight_map must map tensor names to files")
+            for shard in sorted(set(map(str, weight_map.values()))):
+                if not shard.endswith(".safetensors"):
                     raise refuse(os.path.join(path, name), f"{flag}'s shard index naming {shard!r}, a file read with pickle")
 
 
