@@ -271,7 +271,7 @@ def fid_state_dict(path: str) -> Dict[str, np.ndarray]:
         raise ValueError(f"--inception_weights {path!r} does not exist. {WEIGHTS_HELP}")
     try:
         tensors = read_torch_file(path)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, struct.error, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError, struct.error, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise ValueError(f"--inception_weights {path!r} is not a PyTorch weights file this reader knows ({e}). {WEIGHTS_HELP}") from None
     if "Mixed_7c.branch_pool.conv.weight" in tensors:  # pytorch-fid's own state dict
         return tensors

@@ -126,6 +126,18 @@ def test_training_refuses_a_pickled_diffusers_autoencoder(shapes, tmp_path):
     assert not marker.exists()
 
 
+def test_cache_latents_refuses_a_pickled_autoencoder(shapes, tmp_path, capsys):
+    from ldm import cache_latents
+
+    marker = tmp_path / "ran"
+    vae = evil_vae_dir(tmp_path, marker)
+    argv = ["--file_list", shapes["file_list"], "--vae_name_or_path", str(vae), "--resolution", "32", "--output_dir", str(tmp_path / "cache")]
+    assert cache_latents.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diffusion_pytorch_model.bin" in err[0] and "--trust_pickle" in err[0], err
+    assert not marker.exists()
+
+
 def test_generate_refuses_a_checkpoint_whose_autoencoder_is_pickled(stock_pipeline_dir, tmp_path):
     """A checkpoint-N with safetensors weights whose args.json names a pickled autoencoder (and
     says trust_pickle: true, which a file we did not write cannot grant)."""
