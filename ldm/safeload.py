@@ -5,6 +5,12 @@ plain pickle) can run any code while it loads, so a downloaded checkpoint or a s
 directory could run code on the user's machine. Everything this project writes loads without
 pickle (safetensors and JSON); a pickle is read only through `load_pickle(..., trust_pickle=True)`,
 and every refusal says, in one line, what was refused and how to accept it.
+
+Model directories are checked before ppdiffusers or paddlenlp open them (`check_weights_dir`,
+`check_pipeline_dir`): their stock loaders pick a pickle reader by file name, and
+`DiffusionPipeline.from_pretrained` imports whatever module a model_index.json names, or a
+`.py` file it finds in the directory, so those are refused before anything is imported, with or
+without --trust_pickle (code is never a weights format).
 """
 import json
 import os
