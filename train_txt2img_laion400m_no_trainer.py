@@ -108,6 +108,9 @@ def main():
             break
         progress.update(batch)
         micro += 1
+        # Train mode (LDMBert's dropout on) for every step, as the Trainer's training_step: from_pretrained
+        # returns eval modules, and only sampling would have switched them (ldm.model.evaluating).
+        train_model.train()
         last_micro = micro % args.gradient_accumulation_steps == 0
         # DataParallel all-reduces gradients during backward unless inside no_sync, which must
         # hold the forward too (it decides in the forward). Accumulating micro-batches stay

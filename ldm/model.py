@@ -384,6 +384,13 @@ class LatentDiffusionModel(nn.Layer):
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.encode_in_float32 = False  # --vae_encode_fp32: keep the encoder out of mixed precision
 
+    def train(self) -> "LatentDiffusionModel":
+        """Train mode for LDMBert and the UNet (dropout on); the frozen autoencoder stays in eval.
+        (paddle.DataParallel's train() sets every sublayer directly, so forward also re-asserts it.)"""
+        super().train()
+        self.vae.eval()
+        return self
+
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
