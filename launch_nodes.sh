@@ -10,6 +10,11 @@ if [ "${NNODES:-1}" != 1 ]; then
         echo "error: NNODES=${NNODES} needs NODE_RANK (this node's index, 0 to $((NNODES - 1))) and MASTER_ADDR (node 0's address) in the environment" >&2
         exit 2
     fi
+    if ! [[ "${NODE_RANK}" =~ ^[0-9]+$ && "${NNODES}" =~ ^[0-9]+$ ]] || [ "${NODE_RANK}" -ge "${NNODES}" ]; then
+        # (a rank the rendezvous never fills would leave every node waiting for it)
+        echo "error: NODE_RANK=${NODE_RANK} must be a node index from 0 to NNODES-1 (NNODES=${NNODES})" >&2
+        exit 2
+    fi
     # The launchers meet at node 0's MASTER_ADDR:MASTER_PORT (an HTTP key-value store that the
     # launcher on node 0 serves when MASTER_ADDR is one of its own IP addresses or 127.0.0.1, so
     # give an IP, not a host name) and number the nodes by --rank: node R's processes are global

@@ -93,3 +93,6 @@ def test_several_nodes_need_their_rank_and_the_master(run_args, tmp_path):
     env.pop("MASTER_ADDR", None)
     res = subprocess.run(["bash", "run_multi_no_trainer.sh", *run_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: NNODES=2 needs NODE_RANK")
+    res = subprocess.run(["bash", "run_multi_no_trainer.sh", *run_args], cwd=ROOT, env=dict(env, NODE_RANK="2", MASTER_ADDR="127.0.0.1"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "NODE_RANK=2 must be a node index from 0 to NNODES-1" in res.stderr.strip().splitlines()[-1]
