@@ -1,6 +1,7 @@
 """Every training step runs the trained modules in train mode (LDMBert's dropout on) and the frozen
 autoencoder in eval mode, in both scripts, whatever --image_logging_steps; sampling runs in eval
 mode and leaves train mode behind. Observed from inside the real forward passes with hooks."""
+import signal
 import sys
 
 import paddle
@@ -65,7 +66,11 @@ def test_continued_model_trains_in_train_mode(stock_pipeline_dir, shapes, tmp_pa
             "--file_list", shapes["file_list"], "--resolution", "16", "--model_max_length", "16", "--image_logging_steps", "0",
             "--num_threads", "1", "--learning_rate", "1e-4"]
     monkeypatch.setattr(sys, "argv", argv)
-    module.main()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        module.main()
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # the script's preemption handler must not outlive it in pytest
     assert (tmp_path / "out" / "model_index.json").is_file()
     # 2 steps x (LDMBert + UNet), all in train mode, the autoencoder never.
     steps = [s for s in seen if s[1]]
