@@ -16,7 +16,7 @@ from paddlenlp.utils.log import logger
 from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, parse_args
+from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
 from ldm.checkpoint import CheckpointWriteError, data_position_to_resume, load_checkpoint, save_checkpoint
 from ldm.data import StreamProgress, as_paddle_dataset, init_worker
 from ldm.ema import EMA, maybe_applied
@@ -43,7 +43,10 @@ def main():
     # Create model and data (bad paths stop here, before any training):
     try:
         require_writable_dir(args.output_dir)
-        model = create_model(model_args, data_args.resolution, args.seed, args.recompute, recipe_args.recipe())
+        # A continued model keeps the prediction type and noise schedule it was trained with:
+        model = create_model(model_args, data_args.resolution, args.seed, args.recompute, recipe_args.recipe(),
+                             flags_passed(ModelArguments, DataArguments, RecipeArguments, LoopArguments))
+        recipe_args.keep(model.recipe)
         stream = create_stream(model, model_args, data_args, args.seed, args.train_batch_size)
         # FLOPs per image, counted once on the modules before any compiling, for the logged tflops_per_device:
         flops_per_image = flops_per_training_image(model, data_args.resolution, stream.latent_cache is not None, args.recompute)
@@ -105,6 +108,9 @@ def main():
             break
         progress.update(batch)
         micro += 1
+        # Train mode (LDMBert's dropout on) for every step, as the Trainer's training_step: from_pretrained
+        # returns eval modules, and only sampling would have switched them (ldm.model.evaluating).
+        train_model.train()
         last_micro = micro % args.gradient_accumulation_steps == 0
         # DataParallel all-reduces gradients during backward unless inside no_sync, which must
         # hold the forward too (it decides in the forward). Accumulating micro-batches stay

@@ -4,7 +4,7 @@ import dataclasses
 from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, parse_args
+from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
 from ldm.data import as_paddle_dataset
 from ldm.ema import maybe_applied
 from ldm.flops import flops_per_training_image
@@ -24,7 +24,10 @@ def main():
     # Create model and data (bad paths stop here, before any training):
     try:
         require_writable_dir(training_args.output_dir)
-        model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute, recipe_args.recipe())
+        # A continued model keeps the prediction type and noise schedule it was trained with:
+        model = create_model(model_args, data_args.resolution, training_args.seed, training_args.recompute, recipe_args.recipe(),
+                             flags_passed(ModelArguments, DataArguments, RecipeArguments, LDMTrainingArguments))
+        recipe_args.keep(model.recipe)
         stream = create_stream(model, model_args, data_args, training_args.seed, training_args.per_device_train_batch_size)
         # FLOPs per image, counted once on the modules before any compiling, for the logged tflops_per_device:
         flops_per_image = flops_per_training_image(model, data_args.resolution, stream.latent_cache is not None, training_args.recompute)

@@ -34,6 +34,29 @@ def parse_args(*dataclass_types):
         exit_on_bad_input(e)
 
 
+def flags_passed(*dataclass_types, args: Optional[List[str]] = None) -> set:
+    """The names of the fields given on the command line (abbreviated or not), as opposed to left
+    at their defaults: paddlenlp's parser fills both in alike, so parse once more with every
+    default suppressed. Continuing a model (ldm.model.continued_recipe) takes the settings the
+    user did not give from the model's directory and stops on the ones they gave otherwise."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from paddlenlp.trainer import PdArgumentParser
+
+    parser = PdArgumentParser(dataclass_types)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    if args is None:
+        args = sys.argv[1:]
+        args_file = Path(sys.argv[0]).with_suffix(".args")  # read by paddlenlp's parser as well
+        if sys.argv and args_file.exists():
+            args = args_file.read_text().split() + args
+    known, _ = parser.parse_known_args(args)
+    return set(vars(known))
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: Optional[str] = field(
@@ -98,6 +121,11 @@ class RecipeArguments:
 
     def __post_init__(self):
         self.recipe().check()  # a bad combination stops at start-up (parse_args prints the one line)
+
+    def keep(self, recipe) -> None:
+        """Record what the run really trains with (a continued model's adopted prediction type and
+        zero terminal SNR), so args.json, and a checkpoint rebuilt from it, say the same."""
+        self.prediction_type, self.zero_terminal_snr = recipe.prediction_type, recipe.zero_terminal_snr
 
     def recipe(self):
         from ldm.model import Recipe

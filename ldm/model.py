@@ -8,11 +8,12 @@ Two ways in (SPEC section 4):
 Nothing is ever downloaded: every path must be a local directory or file.
 """
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass
 import json
 import os
-from typing import List, Optional
+from typing import Collection, List, Optional
 
 import numpy as np
 import paddle
@@ -51,6 +52,10 @@ class Recipe:
     timestep_bias_strategy: str = "none"  # "none", "later" (high t) or "earlier" (low t)
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
+    # The noise schedule of the pipeline directory a run continues (its scheduler config's betas,
+    # steps and timestep spacing): it wins over SCHEDULE, so the model keeps training, and is
+    # exported, as it was trained (`continued_recipe`). None from scratch.
+    trained_schedule: Optional[dict] = None
 
     def check(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -78,12 +83,59 @@ class Recipe:
 
     def schedule(self) -> dict:
         """The scheduler config both training and sampling need, so the exported scheduler/ samples right."""
-        config = dict(SCHEDULE, prediction_type=self.prediction_type)
+        # Every setting explicit (rescale and spacing too), so a sampler made from this config by
+        # `from_config` takes them all, as it does from the exported file (ldm.loading.as_saved).
+        config = dict(SCHEDULE, prediction_type=self.prediction_type, rescale_betas_zero_snr=False, timestep_spacing="leading")
         if self.zero_terminal_snr:
             # Lin et al. 2024, section 3.3: with SNR(T) = 0 sampling must start from the last
             # timestep, which "trailing" spacing does and the default "leading" does not.
             config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        config.update(self.trained_schedule or {})
         return config
+
+
+# What a pipeline directory's scheduler config says about how its model was trained and is
+# sampled, beyond prediction type and zero terminal SNR (which have flags, see continued_recipe).
+TRAINED_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "timestep_spacing")
+
+
+def continued_recipe(recipe: Recipe, path: str, passed: Collection[str] = ()) -> Recipe:
+    """The recipe that continues the model of pipeline directory `path` as it was trained.
+
+    The rule (README "Continuing a model"): the directory's scheduler/scheduler_config.json says
+    what the model was trained with; a setting the command line did not give is taken from it
+    (one start-up log line lists what was taken), and a flag the user did give (`passed`, see
+    ldm.args.flags_passed) that says otherwise stops the run at start-up naming the setting and
+    the flag value that agrees. Training a v-prediction, zero-terminal-SNR model with epsilon or
+    with the plain betas for weeks (or exporting it with another spacing) would otherwise go
+    unnoticed until its samples look wrong. To change a setting on purpose, edit that file.
+    """
+    config_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(config_file):
+        return recipe  # a directory without a scheduler: nothing to keep, the flags decide
+    config = read_json(config_file)
+    trained = {"prediction_type": config.get("prediction_type", "epsilon"),
+               "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False))}
+    if "prediction_type" in passed and recipe.prediction_type != trained["prediction_type"]:
+        raise ValueError(f"{path} was trained with prediction_type {trained['prediction_type']} ({config_file}), but --prediction_type "
+                         f"{recipe.prediction_type} was given: pass --prediction_type {trained['prediction_type']}, or leave the flag out, to continue it as trained")
+    if "zero_terminal_snr" in passed and recipe.zero_terminal_snr != trained["zero_terminal_snr"]:
+        given = "--zero_terminal_snr" if recipe.zero_terminal_snr else "--zero_terminal_snr false"
+        raise ValueError(f"{path} was trained {'with' if trained['zero_terminal_snr'] else 'without'} zero terminal SNR (rescale_betas_zero_snr "
+                         f"{str(trained['zero_terminal_snr']).lower()} in {config_file}), but {given} was given: leave the flag out to continue it as trained")
+    schedule = {k: config[k] for k in TRAINED_SCHEDULE_KEYS if config.get(k) is not None}
+    adopted = dataclasses.replace(recipe, trained_schedule=schedule, **trained)
+    try:
+        adopted.check()
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    from paddlenlp.utils.log import logger
+
+    before, after = recipe.schedule(), adopted.schedule()
+    taken = [f"{k}={after[k]!r}" for k in sorted(after) if before.get(k) != after.get(k)]
+    logger.info(f"Continuing {path} as it was trained ({config_file}): " +
+                (f"adopted {', '.join(taken)} over the defaults" if taken else "the flags already agree with it"))
+    return adopted
 
 
 def sample_timesteps(n: int, num_train_timesteps: int, recipe: Recipe) -> paddle.Tensor:
@@ -340,11 +392,20 @@ class LatentDiffusionModel(nn.Layer):
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.encode_in_float32 = False  # --vae_encode_fp32: keep the encoder out of mixed precision
 
+    def train(self) -> "LatentDiffusionModel":
+        """Train mode for LDMBert and the UNet (dropout on); the frozen autoencoder stays in eval.
+        (paddle.DataParallel's train() sets every sublayer directly, so forward also re-asserts it.)"""
+        super().train()
+        self.vae.eval()
+        return self
+
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
     def from_pipeline_dir(cls, path: str, model_max_length: int, recipe: Optional[Recipe] = None,
-                          trust_pickle: bool = False) -> "LatentDiffusionModel":
+                          passed: Collection[str] = (), trust_pickle: bool = False) -> "LatentDiffusionModel":
+        """The model of a pipeline directory, trained on as it was trained: its prediction type and
+        noise schedule are kept (`continued_recipe`; `passed` are the recipe flags the user gave)."""
         from ldm.safeload import check_pipeline_dir
 
         require_local(path, "--model_name_or_path")
@@ -362,14 +423,7 @@ class LatentDiffusionModel(nn.Layer):
             logger.warning(f"--model_max_length {model_max_length} exceeds the {positions} positions of {path}/bert; using {positions}")
             model_max_length = positions
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"), model_max_length)
-        recipe = recipe or Recipe()
-        scheduler_config = os.path.join(path, "scheduler", "scheduler_config.json")
-        if os.path.isfile(scheduler_config):
-            trained_as = read_json(scheduler_config).get("prediction_type", "epsilon")
-            if trained_as != recipe.prediction_type:
-                from paddlenlp.utils.log import logger
-
-                logger.warning(f"{path} was trained with prediction_type {trained_as}; this run trains {recipe.prediction_type} (--prediction_type)")
+        recipe = continued_recipe(recipe or Recipe(), path, passed)
         unet_dir = os.path.join(path, "unet")
         unet = UNet2DConditionModel.from_pretrained(unet_dir, from_diffusers=from_diffusers(unet_dir, "--model_name_or_path"))
         return cls(load_autoencoder(os.path.join(path, "vqvae"), "--model_name_or_path", trust_pickle), text_encoder, unet,
@@ -577,14 +631,17 @@ def create_stream(model: "LatentDiffusionModel", model_args, data_args, seed: in
                            latent_cache=latent_cache_for_run(data_args.file_list, model_args, data_args.resolution, data_args.aspect_ratio_buckets))
 
 
-def create_model(model_args, resolution: int, seed: int, recompute: bool = False, recipe: Optional[Recipe] = None) -> LatentDiffusionModel:
-    """The model both training scripts train: from a pipeline directory, or from scratch."""
+def create_model(model_args, resolution: int, seed: int, recompute: bool = False, recipe: Optional[Recipe] = None,
+                 passed: Collection[str] = ()) -> LatentDiffusionModel:
+    """The model both training scripts train: from a pipeline directory (whose prediction type and
+    noise schedule it keeps: `continued_recipe`, `passed` = the flags given), or from scratch.
+    `model.recipe` is what it trains with."""
     from ldm.args import resolve_tokenizer
 
     if recipe is not None:
         recipe.check()  # before anything large is built
     if model_args.model_name_or_path:
-        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length, recipe,
+        model = LatentDiffusionModel.from_pipeline_dir(model_args.model_name_or_path, model_args.model_max_length, recipe, passed,
                                                        trust_pickle=model_args.trust_pickle)
     else:
         model = LatentDiffusionModel.from_scratch(

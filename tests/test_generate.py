@@ -202,3 +202,13 @@ def test_validation_loss_of_written_models(request, shapes, source):
         assert again == pytest.approx(first, rel=1e-5)
         raw, _ = model_from_checkpoint(str(model_dir / "checkpoint-2"), use_ema=False)
         assert Validator(raw, shapes["file_list"], 4, resolution, 2).losses() != first
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpm"])
+def test_checkpoint_and_exported_directory_sample_the_same_images(run_dir, tmp_path, scheduler):
+    """checkpoint-2 (rebuilt from its args.json, EMA weights) and the directory exported from the
+    same weights are one model: every sampler must take the same settings (timestep spacing
+    included) from both, so the same seed gives the same pixels."""
+    _, from_final = images(run(run_dir, tmp_path / "final", "--scheduler", scheduler, prompts=PROMPTS[:1]))
+    _, from_ckpt = images(run(run_dir / "checkpoint-2", tmp_path / "ckpt", "--scheduler", scheduler, prompts=PROMPTS[:1]))
+    assert np.abs(from_ckpt - from_final).max() == 0
