@@ -35,7 +35,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from ldm.checkpoint_io import (decode, encode, file_crc32c, fsync_dir, read_state, rng_from_json, rng_to_json, safetensors_header_error,
+from ldm.checkpoint_io import (WriteFailed, decode, describe, encode, file_crc32c, fsync_dir, read_state, rng_from_json, rng_to_json, safetensors_header_error,
                                write_json, write_safetensors, write_state)
 from ldm.runtime import any_rank
 from ldm.safeload import load_pickle, refuse
@@ -174,6 +174,14 @@ def rotate_checkpoints(output_dir: str, save_total_limit: Optional[int]) -> None
         shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_stale_staging(output_dir: str) -> None:
+    """Delete `checkpoint-N.tmp` directories a killed save left behind (saves run one at a time, so
+    after a save completed none is in flight); at ldm_32l's size each one is ~23 GB of disk."""
+    for name in os.listdir(output_dir):
+        if name.endswith(".tmp") and CHECKPOINT_RE.match(name[: -len(".tmp")]):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 def trainable_state(model) -> dict:
@@ -216,12 +224,6 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}" + (f" ({error.filename})" if error.filename else "")
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
-
-
 def save_atomically(output_dir: str, step: int, write_files: Callable[[str, int], Dict[str, Tuple[int, int]]], save_total_limit=None,
                     check_finite: Optional[Dict[str, paddle.Tensor]] = None) -> str:
     """The checkpoint protocol both loops share; every rank calls it.
@@ -259,7 +261,7 @@ def save_atomically(output_dir: str, step: int, write_files: Callable[[str, int]
         if any_rank(error is not None):
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            why = _one_line(error) if error is not None else "another rank failed to write its files (its log says why)"
+            why = (str(error) if isinstance(error, WriteFailed) else describe(error)) if error is not None else "another rank failed to write its files (its log says why)"
             raise CheckpointWriteError(
                 f"could not write checkpoint-{step} in {output_dir}: {why}; the newest complete checkpoint is "
                 f"{newest_complete()} and is untouched. Free space or fix the directory, then re-run"
@@ -287,6 +289,7 @@ def save_atomically(output_dir: str, step: int, write_files: Callable[[str, int]
             shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint-N of an earlier attempt
             os.replace(tmp, final)
             fsync_dir(output_dir)
+            remove_stale_staging(output_dir)
             rotate_checkpoints(output_dir, save_total_limit)
 
     phase(make_dir)

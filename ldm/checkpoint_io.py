@@ -44,6 +44,20 @@ def file_crc32c(path: str) -> int:
     return value
 
 
+def describe(error: BaseException) -> str:
+    """An error in one line: an OSError's reason, anything else (safetensors' SafetensorError) with its type."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+
+class WriteFailed(Exception):
+    """Writing one checkpoint file failed, whatever raised (OSError, SafetensorError, ...): names the file."""
+
+    def __init__(self, path: str, error: BaseException):
+        super().__init__(f"writing {os.path.basename(path)}: {describe(error)}")
+
+
 def write_file(path: str, write: Callable[[str], None]) -> Tuple[int, int]:
     """`write(tmp_path)`, then fsync, rename to `path`, fsync the directory; return (size, crc32c).
 
@@ -56,11 +70,13 @@ def write_file(path: str, write: Callable[[str], None]) -> Tuple[int, int]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+        return os.path.getsize(path), file_crc32c(path)
+    except Exception as e:  # noqa: BLE001 - whatever the writer raises, say which file
+        raise WriteFailed(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fsync_dir(os.path.dirname(path) or ".")
-    return os.path.getsize(path), file_crc32c(path)
 
 
 def write_json(path: str, value, default=None) -> Tuple[int, int]:

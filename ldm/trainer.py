@@ -243,7 +243,7 @@ class StreamTrainer(Trainer):
         set_weights(model, weights)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None:
+        if checkpoint is None or self.args.ignore_load_lr_and_optim:  # (the stock flag: fresh optimizer and schedule)
             return
         if self.args.should_load_sharding_stage1_model:
             exit_on_bad_input(ValueError("--load_sharded_model (PaddleNLP's resharding load) reads pickles; resume without it: each "
