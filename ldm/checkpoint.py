@@ -134,7 +134,7 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
             if problem is None:
                 chosen = i
                 break
-            logger.warning(f"Skipping {candidates[i]}: {problem}; resuming from an older checkpoint")
+            logger.warning(f"Skipping {candidates[i]}: {problem}; trying the checkpoint before it")
     chosen = _rank0_decides(chosen)
     if chosen < 0:
         return None

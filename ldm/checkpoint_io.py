@@ -19,6 +19,7 @@ checksum costs seconds, not half a minute.
 import json
 import os
 import random
+import traceback
 from typing import Callable, Dict, Tuple
 
 import crc32c
@@ -48,7 +49,9 @@ def describe(error: BaseException) -> str:
     """An error in one line: an OSError's reason, anything else (safetensors' SafetensorError) with its type."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None  # a bug, not the disk: say where
+    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where and not isinstance(error, OSError) and "safetensors" not in type(error).__module__ else ""
+    return f"{type(error).__name__}: {error}{at}".replace("\n", " ")
 
 
 class WriteFailed(Exception):
@@ -220,7 +223,7 @@ def rng_to_json(hybrid_tracker: bool = False) -> dict:
     if hybrid_tracker:
         from paddle.distributed import fleet
 
-        state["tracker"] = {k: _generator_to_json(v) for k, v in fleet.meta_parallel.get_rng_state_tracker().get_states_tracker().items()}
+        state["tracker"] = {k: [_generator_to_json(s) for s in v] for k, v in fleet.meta_parallel.get_rng_state_tracker().get_states_tracker().items()}
     return state
 
 
@@ -234,7 +237,7 @@ def rng_from_json(state: dict) -> None:
     if "tracker" in state:
         from paddle.distributed import fleet
 
-        fleet.meta_parallel.get_rng_state_tracker().set_states_tracker({k: _generator_from_json(v) for k, v in state["tracker"].items()})
+        fleet.meta_parallel.get_rng_state_tracker().set_states_tracker({k: [_generator_from_json(s) for s in v] for k, v in state["tracker"].items()})
 
 
 def restore_stock_rng(state: dict) -> None:
