@@ -294,6 +294,30 @@ def test_an_old_pickled_checkpoint_resumes_exactly_with_trust_pickle_only(shapes
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) == 0.0
 
 
+def to_old_loop_format(ckpt):
+    """Rewrite an explicit-loop checkpoint as that loop wrote it before this layout (optimizer and RNG pickled, no manifest)."""
+    from ldm.checkpoint_io import _generator_from_json
+
+    paddle.save(read_state(str(ckpt), "optimizer"), str(ckpt / "optimizer.pdopt"))
+    rng = json.load(open(ckpt / "rng_state_rank0.json"))
+    paddle.save({"paddle": [_generator_from_json(s) for s in rng["paddle"]], "numpy": decode(rng["numpy"]), "python": decode(rng["python"])},
+                str(ckpt / "rng_state_rank0.pdparams"))
+    for name in ("optimizer.safetensors", "optimizer.json", "rng_state_rank0.json", "manifest.json"):
+        os.remove(ckpt / name)
+
+
+def test_an_old_explicit_loop_checkpoint_resumes_exactly_with_trust_pickle_only(shapes, vae_dir, loop_run, tmp_path):
+    out = copy_run(loop_run, tmp_path / "out", keep={"checkpoint-2"})
+    to_old_loop_format(out / "checkpoint-2")
+    res = run_script(loop_args(shapes, vae_dir, out, 4))
+    assert res.returncode == 2 and "optimizer.pdopt is an old-format checkpoint's Paddle pickle" in last_line(res), res.stderr[-3000:]
+    res = run_script(loop_args(shapes, vae_dir, out, 4) + ["--trust_pickle"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(str(loop_run / "checkpoint-4" / name)), load_file(str(out / "checkpoint-4" / name))
+        assert max(float(np.abs(a[k] - b[k]).max()) for k in a) == 0.0
+
+
 def tiny_training(tmp_path):
     layer = paddle.nn.Linear(3, 2)
     scheduler = paddle.optimizer.lr.LambdaDecay(1e-3, lambda s: 1.0)
