@@ -86,7 +86,7 @@ def main():
     try:
         resume = checkpoint_to_resume(args)
         if resume:
-            step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler)
+            step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler, model_args.trust_pickle)
             saved = data_position_to_resume(resume, rank, data_args.resolution, args.ignore_data_skip, data_args.aspect_ratio_buckets)
             if saved is not None:
                 stream.resume(saved, args.num_workers)

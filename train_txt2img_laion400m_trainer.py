@@ -57,7 +57,7 @@ def main():
             model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
             image_logging_steps=training_args.image_logging_steps, num_inference_steps=model_args.num_inference_steps,
             run_args={**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **training_args.to_dict()}, log_batch=log_batch, validator=validator,
-            flops_per_image=flops_per_image,
+            flops_per_image=flops_per_image, trust_pickle=model_args.trust_pickle,
         )
     except ValueError as e:
         exit_on_bad_input(e)

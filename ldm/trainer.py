@@ -14,32 +14,34 @@ Where the stock Trainer falls short and what we add (each in one small method):
     SIGTERM -> save and stop, the last step always saved, images at `--image_logging_steps`;
   * `log`: adds images/s (in all and per device), achieved TFLOP/s per device (from the FLOPs per image
     counted at start-up, ldm.flops), skipped non-finite steps and the data skips summed over workers and ranks;
-  * `_save_checkpoint`: the stock files (same names, so the stock resume reads them) plus the EMA,
-    args.json and every rank's data position, written through `ldm.checkpoint.save_atomically`
-    (staged, agreed across ranks, renamed, rotated by step);
+  * `_save_checkpoint`: our checkpoint layout (ldm.checkpoint: safetensors and JSON, nothing pickled,
+    manifest.json last) on every rank through `ldm.checkpoint.save_atomically` (staged, agreed
+    across ranks, checked finite, renamed, rotated by step);
+  * `_load_from_checkpoint`, `_load_optimizer_and_scheduler`, `_load_rng_state`: read those files
+    (the stock ones `paddle.load` pickles); an old pickled checkpoint only with --trust_pickle;
   * `_set_state_dict_in_model`: a saved weight of another shape stops the run, naming it.
 """
-import json
 import os
-import random
 from typing import Dict, Optional
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.io import DataLoader
 from paddlenlp.trainer import Trainer
-from paddlenlp.trainer.trainer import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
-from paddlenlp.transformers.model_utils import _add_variant
+from paddlenlp.trainer.trainer import TRAINER_STATE_NAME
+from paddlenlp.trainer.utils.helper import broadcast_dp_optimizer
 from paddlenlp.utils.log import logger
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, data_position_to_resume, save_atomically,
-                            write_args)
+from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, checkpoint_weights, data_position_file, data_position_to_resume,
+                            load_optimizer_state, load_rng_state, load_small_state, load_weights, require_good_checkpoint, save_atomically,
+                            set_weights, write_args, write_weights)
+from ldm.checkpoint_io import encode, restore_stock_rng, rng_to_json, write_file, write_json, write_state
 from ldm.data import StreamProgress, init_worker
 from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
 from ldm.runtime import StepAgreement, exit_on_bad_input, preserved_rng, seed_rank_streams
+from ldm.safeload import load_pickle
 
 
 def _unwrap(model):
@@ -50,9 +52,14 @@ class StreamTrainer(Trainer):
     """Trainer for any model here whose forward(**batch) returns the loss and has log_images(batch, steps)."""
 
     def __init__(self, *args, image_logging_steps: int = 0, num_inference_steps: int = 50, resume_from: Optional[str] = None,
-                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, validator=None, flops_per_image: float = 0.0, **kwargs):
+                 run_args: Optional[dict] = None, log_batch: Optional[dict] = None, validator=None, flops_per_image: float = 0.0,
+                 trust_pickle: bool = False, **kwargs):
         super().__init__(*args, **kwargs)  # (calls paddlenlp's set_seed(--seed): the same on every rank)
         rank = max(0, dist.get_rank())
+        self.trust_pickle = trust_pickle  # read an old checkpoint's pickles (--trust_pickle)
+        if resume_from:
+            # Before anything is read from it: the manifest must check out, an old pickled checkpoint needs --trust_pickle.
+            require_good_checkpoint(resume_from, trust_pickle)
         seed_rank_streams(self.args.seed, rank)
         self.image_logging_steps = image_logging_steps
         self.num_inference_steps = num_inference_steps
@@ -185,43 +192,85 @@ class StreamTrainer(Trainer):
         logger.info(f"step {step}: logged reconstructions and samples to {self.args.logging_dir}")
 
     def _save_checkpoint(self, model, metrics=None):
-        """The stock checkpoint's files plus ours, written atomically on every rank (ldm.checkpoint.save_atomically)."""
-        # Collectives first: once the writes start, a rank that fails must not leave the others inside one.
-        rng_states = {"python": random.getstate(), "numpy": np.random.get_state(), "cuda": paddle.get_rng_state(),
-                      "cpu": paddle.framework.core.default_cpu_generator().get_state()}
-        world = self.args.world_size
-        if world > 1:
-            gathered = []
-            dist.all_gather_object(gathered, rng_states)
+        """Our checkpoint layout (ldm.checkpoint: safetensors and JSON, manifest last), written
+        atomically on every rank through ldm.checkpoint.save_atomically. The stock Trainer's
+        pickles (model_state.pdparams, optimizer.pdopt, rng_state.pth, training_args.bin) are not
+        written; the loaders below read ours."""
         step = self.state.global_step
         self._saved_at = step
-
-        # --sharding stage1/stage2: every rank holds a shard of the optimizer state and saves it under
-        # the name the stock resume reads on that rank (optimizer.shardNN.pdopt).
+        weights = checkpoint_weights(_unwrap(self.model))
+        # DataParallel: rank 0 writes the optimizer state (every rank's is the same). --sharding:
+        # each shard's first data-parallel rank writes its shard, named as the stock Trainer names it.
         sharded = self.args.use_hybrid_parallel and self.args.sharding_parallel_degree > 1
+        write_optimizer = self.args.data_parallel_rank == 0 if sharded else self.args.should_save
 
         def write_files(tmp, rank):
-            if sharded:
-                paddle.save(self.optimizer.state_dict(), os.path.join(tmp, _add_variant(OPTIMIZER_NAME, self.args.optimizer_name_suffix)))
+            files = {}
+            if write_optimizer:
+                files.update(write_state(tmp, self._optimizer_stem(), self.optimizer.state_dict()))
             if self.args.should_save:
-                self.save_model(tmp)  # model_state.pdparams and training_args.bin, as the stock save
-                if not sharded:
-                    paddle.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_NAME))
-                paddle.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
+                files.update(write_weights(tmp, weights, self.ema))
+                files["scheduler.json"] = write_json(os.path.join(tmp, "scheduler.json"), encode(self.lr_scheduler.state_dict()))
                 if self.do_grad_scaling:
-                    paddle.save(self.scaler.state_dict(), os.path.join(tmp, SCALER_NAME))
-                paddle.save(gathered if world > 1 else rng_states, os.path.join(tmp, f"rng_state_{world}.pth" if world > 1 else "rng_state.pth"))
-                if self.ema is not None:
-                    save_file(self.ema.state_numpy(), os.path.join(tmp, "ema.safetensors"))
-                write_args(tmp, self.run_args)
-                self.state.save_to_json(os.path.join(tmp, TRAINER_STATE_NAME))
-            with open(data_position_file(tmp, rank), "w") as f:
-                json.dump(self.progress.state_dict(), f)
+                    files["scaler.json"] = write_json(os.path.join(tmp, "scaler.json"), encode(self.scaler.state_dict()))
+                files["args.json"] = write_args(tmp, self.run_args)
+                files[TRAINER_STATE_NAME] = write_file(os.path.join(tmp, TRAINER_STATE_NAME), self.state.save_to_json)
+            files[f"rng_state_rank{rank}.json"] = write_json(os.path.join(tmp, f"rng_state_rank{rank}.json"), rng_to_json(self.args.use_hybrid_parallel))
+            files[os.path.basename(data_position_file(tmp, rank))] = write_json(data_position_file(tmp, rank), self.progress.state_dict())
+            return files
 
+        check = {**weights, **({f"ema:{k}": v for k, v in self.ema.shadow.items()} if self.ema is not None else {})}
         try:
-            save_atomically(self.args.output_dir, step, write_files, self.args.save_total_limit)
+            save_atomically(self.args.output_dir, step, write_files, self.args.save_total_limit, check_finite=check)
         except CheckpointWriteError as e:
             raise SystemExit(f"error: {e}")
+
+    def _optimizer_stem(self) -> str:
+        suffix = self.args.optimizer_name_suffix
+        return f"optimizer.{suffix}" if suffix else "optimizer"
+
+    # The stock loaders `paddle.load` the stock pickles; these read our files instead (an old
+    # pickled checkpoint only with --trust_pickle, checked in __init__ before anything is read).
+    def _load_from_checkpoint(self, resume_from_checkpoint=None):
+        if not resume_from_checkpoint:
+            return
+        model = _unwrap(self.model)
+        try:
+            weights = load_weights(resume_from_checkpoint, model, self.trust_pickle)
+        except ValueError as e:
+            exit_on_bad_input(e)
+        logger.info(f"Loading model from {resume_from_checkpoint}")
+        set_weights(model, weights)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or self.args.ignore_load_lr_and_optim:  # (the stock flag: fresh optimizer and schedule)
+            return
+        if self.args.should_load_sharding_stage1_model:
+            exit_on_bad_input(ValueError("--load_sharded_model (PaddleNLP's resharding load) reads pickles; resume without it: each "
+                                         "shard's rank reads its own optimizer.shardNN files"))
+        # As the stock loader: the first data-parallel rank reads, the others receive it (not 32 reads of 11.6 GB).
+        state = load_optimizer_state(checkpoint, self._optimizer_stem(), self.trust_pickle) if self.args.data_parallel_rank == 0 else None
+        if self.args.local_rank != -1:
+            dist.barrier()
+        self.optimizer.set_state_dict(broadcast_dp_optimizer(state))
+        self.lr_scheduler.set_state_dict(load_small_state(checkpoint, "scheduler", self.trust_pickle))
+        if self.do_grad_scaling:
+            scaler = load_small_state(checkpoint, "scaler", self.trust_pickle, return_numpy=True)
+            if scaler is not None:
+                self.scaler.load_state_dict(scaler)
+
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is None:
+            return
+        rank = max(0, self.args.process_index)
+        if load_rng_state(checkpoint, rank, self.trust_pickle):
+            return
+        old = os.path.join(checkpoint, f"rng_state_{self.args.world_size}.pth" if self.args.world_size > 1 else "rng_state.pth")
+        if os.path.isfile(old):  # an old Trainer checkpoint (the stock layout: every rank's state in one pickle)
+            states = load_pickle(old, self.trust_pickle, return_numpy=True)
+            restore_stock_rng(states[rank] if self.args.world_size > 1 else states)
+            return
+        logger.info(f"{checkpoint} has no RNG state for rank {rank} (saved with fewer ranks?): it keeps its own seed")
 
     def _set_state_dict_in_model(self, state_dict):
         try:

@@ -1,11 +1,10 @@
-"""Failures a long run meets: non-finite losses, a full disk, an unwritable output directory."""
-import errno
+"""Failures a long run meets: non-finite losses, an unwritable output directory (a full disk: tests/test_checkpoint_trust.py)."""
 import json
 import os
 
-import numpy as np
 import paddle
 import pytest
+from safetensors.numpy import load_file
 
 from conftest import ldm_args, run_script
 from ldm import checkpoint
@@ -24,7 +23,8 @@ def test_nonfinite_losses_skip_steps_then_stop_with_a_message(shapes, vae_dir, t
     # The checkpoints written so far are complete and loadable.
     last = checkpoint.latest_checkpoint(str(out))
     assert last is not None
-    paddle.load(os.path.join(last, "model_state.pdparams"), return_numpy=True)
+    assert checkpoint.checkpoint_problem(last) is None
+    load_file(os.path.join(last, "model.safetensors"))
 
 
 def test_unwritable_output_dir_stops_at_startup(shapes, vae_dir, tmp_path):
@@ -33,32 +33,6 @@ def test_unwritable_output_dir_stops_at_startup(shapes, vae_dir, tmp_path):
     res = run_script(ldm_args(shapes, vae_dir, blocker / "out", 2), timeout=120)
     assert res.returncode == 2
     assert "is not a writable directory" in res.stderr and len(res.stderr.strip().splitlines()[-1]) < 300
-
-
-def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    """Disk full while writing checkpoint-2: a one-line error, and checkpoint-1 stays the newest complete one."""
-    layer = paddle.nn.Linear(3, 2)
-    scheduler = paddle.optimizer.lr.LambdaDecay(1e-3, lambda s: 1.0)
-    optimizer = paddle.optimizer.AdamW(learning_rate=scheduler, parameters=layer.parameters())
-    layer(paddle.ones([1, 3])).sum().backward()
-    optimizer.step()
-    progress = StreamProgress(1, 1).state_dict()
-    checkpoint.save_checkpoint(str(tmp_path), 1, layer, optimizer, scheduler, progress, {})
-    before = checkpoint.load_file(os.path.join(tmp_path, "checkpoint-1", "model.safetensors"))
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint.paddle, "save", full_disk)
-    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device.*checkpoint-1 and is untouched"):
-        checkpoint.save_checkpoint(str(tmp_path), 2, layer, optimizer, scheduler, progress, {})
-    monkeypatch.undo()
-    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1")
-    assert not any(p.startswith("checkpoint-2") for p in os.listdir(tmp_path))
-    after = checkpoint.load_file(os.path.join(tmp_path, "checkpoint-1", "model.safetensors"))
-    assert all(np.array_equal(before[k], after[k]) for k in before)
-    step = checkpoint.load_checkpoint(str(tmp_path / "checkpoint-1"), layer, optimizer, scheduler)
-    assert step == 1
 
 
 def test_a_failure_on_another_rank_stops_this_one_too(tmp_path, monkeypatch):
@@ -72,14 +46,14 @@ def test_a_failure_on_another_rank_stops_this_one_too(tmp_path, monkeypatch):
     checkpoint.save_checkpoint(str(tmp_path), 1, layer, optimizer, scheduler, progress, {})
     phases = []
 
-    def other_rank_failed_in_phase_two(flag):
+    def other_rank_failed_writing(flag):  # agreements: weights finite, directory made, files written
         phases.append(flag)
-        return len(phases) == 2
+        return len(phases) == 3
 
-    monkeypatch.setattr(checkpoint, "any_rank", other_rank_failed_in_phase_two)
+    monkeypatch.setattr(checkpoint, "any_rank", other_rank_failed_writing)
     with pytest.raises(checkpoint.CheckpointWriteError, match="another rank failed.*checkpoint-1 and is untouched"):
         checkpoint.save_checkpoint(str(tmp_path), 2, layer, optimizer, scheduler, progress, {})
-    assert phases == [False, False]  # this rank's own writes succeeded
+    assert phases == [False, False, False]  # this rank's own writes succeeded
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
 
 

@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import ROOT, run_script
+from ldm.checkpoint_io import read_state
 
 
 def vae_args(file_list, out, max_steps, extra=()):
@@ -106,20 +107,20 @@ def test_gan_training_resumes_the_discriminator_and_its_optimizer_and_prints_the
     res = run_script(vae_args(train, resumed, 3, extra))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "checkpoint-2" in res.stderr
-    weights = [paddle.load(str(d / "checkpoint-3" / "model_state.pdparams")) for d in (straight, resumed)]
+    weights = [load_file(str(d / "checkpoint-3" / "model.safetensors")) for d in (straight, resumed)]
     disc = [k for k in weights[0] if k.startswith("discriminator.")]
     assert disc
-    start = paddle.load(str(straight / "checkpoint-2" / "model_state.pdparams"))
-    assert any(not np.array_equal(start[k].numpy(), weights[0][k].numpy()) for k in disc)  # the discriminator trained in step 3
+    start = load_file(str(straight / "checkpoint-2" / "model.safetensors"))
+    assert any(not np.array_equal(start[k], weights[0][k]) for k in disc)  # the discriminator trained in step 3
     for k in weights[0]:
-        np.testing.assert_allclose(weights[0][k].numpy(), weights[1][k].numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-7, err_msg=k)
     # The EMA (what is exported) averages the autoencoder only.
     ema = load_file(str(straight / "checkpoint-3" / "ema.safetensors"))
     assert any(k.startswith("vae.") for k in ema) and not any(k.startswith("discriminator.") for k in ema)
     ema_resumed = load_file(str(resumed / "checkpoint-3" / "ema.safetensors"))
     for k in ema:
         np.testing.assert_allclose(ema[k], ema_resumed[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    moments = [paddle.load(str(d / "checkpoint-3" / "optimizer.pdopt")) for d in (straight, resumed)]
+    moments = [read_state(str(d / "checkpoint-3"), "optimizer") for d in (straight, resumed)]
     assert len(moments[0]) == len(moments[1])
     for k, v in moments[0].items():
         if isinstance(v, paddle.Tensor):
