@@ -33,6 +33,7 @@ class AutoencoderArguments:
     disc_channels: int = field(default=64, metadata={"help": "Channels of the discriminator's first layer (doubling per layer, at most 8x); 64 as CompVis."})
     disc_num_layers: int = field(default=3, metadata={"help": "Stride-2 layers of the patch-GAN discriminator (3: each logit sees a 70x70 patch), as CompVis."})
     scale_lr: bool = field(default=False, metadata={"help": "Multiply --learning_rate by processes x per-device batch x accumulation, as CompVis' main.py does with its base_learning_rate 4.5e-6."})
+    trust_pickle: bool = field(default=False, metadata={"help": "Resume an old checkpoint whose files are Paddle pickles (they can run code while they load): only for checkpoints you wrote yourself."})
     scaling_batches: int = field(default=8, metadata={"help": "Batches encoded after training to measure the latents' std for scaling_factor."})
 
     def __post_init__(self):
@@ -89,7 +90,7 @@ def main():
     try:
         resume = checkpoint_to_resume(training_args)
         log_batch = fixed_log_batch(data_args.eval_file_list or data_args.file_list, data_args.resolution, 8, seed=training_args.seed) if training_args.image_logging_steps > 0 and rank0 else None
-        trainer = AutoencoderTrainer(model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume,
+        trainer = AutoencoderTrainer(model=model, args=training_args, train_dataset=as_paddle_dataset(stream), resume_from=resume, trust_pickle=ae_args.trust_pickle,
                                      image_logging_steps=training_args.image_logging_steps, log_batch=log_batch, validator=validator,
                                      run_args={**dataclasses.asdict(ae_args), **dataclasses.asdict(data_args), **training_args.to_dict()})
     except ValueError as e:
