@@ -105,3 +105,52 @@ def stock_pipeline_dir(shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("stock") / "pipeline"
     LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler).save_pretrained(str(out))
     return out
+
+
+# -- Shared training runs ------------------------------------------------------------------
+# Each training configuration runs once per session: several test files read the same run's
+# output (checkpoints, exported pipeline) and must only read it. A test that continues a run
+# copies it first (shutil.copytree) so the shared directory stays as the run left it.
+
+RESUME_STEPS = 8  # the straight runs' length: long enough to interrupt at step 2 and resume
+
+
+def loop_resume_args(shapes, vae, out, steps, extra=()):
+    """The explicit loop with what resuming must restore: 2 data workers, a shuffle buffer, a
+    cosine schedule with warm-up, gradient accumulation, EMA, a checkpoint every step."""
+    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--max_train_steps", str(steps),
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1", "--save_steps", "1",
+            "--save_total_limit", "2", "--seed", "23", "--num_workers", "2", "--shuffle_buffer", "16",
+            "--vae_name_or_path", str(vae), "--text_encoder_config_file", "config/tiny/ldmbert.json",
+            "--unet_config_file", "config/tiny/unet.json", "--file_list", shapes["file_list"], "--model_max_length", "16",
+            "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "0", "--use_ema",
+            "--ema_decay", "0.9", *extra]
+
+
+def trainer_resume_args(shapes, vae, out, steps, extra=()):
+    """The same for the Trainer script."""
+    return ldm_args(shapes, vae, out, steps, ["--dataloader_num_workers", "2", "--image_logging_steps", "0", "--save_steps", "1",
+                                              "--shuffle_buffer", "16", "--lr_scheduler_type", "cosine", "--warmup_steps", "2",
+                                              "--use_ema", "--ema_decay", "0.9", *extra])
+
+
+def _train_once(root, name, args):
+    out = root / name
+    res = run_script(args(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def straight_loop_run(shapes, vae_dir):
+    """8 uninterrupted steps of the explicit loop (loop_resume_args): checkpoint-7, checkpoint-8 and
+    the exported pipeline (EMA weights of step 8). Read by test_resume_exact and test_generate."""
+    return _train_once(shapes["root"], "straight_loop", lambda out: loop_resume_args(shapes, vae_dir, out, RESUME_STEPS))
+
+
+@pytest.fixture(scope="session")
+def straight_trainer_run(shapes, vae_dir):
+    """The same with the Trainer script (checkpoints hold model_state.pdparams). Read by
+    test_resume_exact, test_train_e2e and test_generate."""
+    return _train_once(shapes["root"], "straight_trainer", lambda out: trainer_resume_args(shapes, vae_dir, out, RESUME_STEPS))
