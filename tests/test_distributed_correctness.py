@@ -120,31 +120,43 @@ def test_image_logging_leaves_the_training_rng_alone(shapes, vae_dir, same_recor
     assert max_diff(trained_weights(quiet), trained_weights(logged)) == 0.0
 
 
-def test_ema_warms_up_and_swaps_in_place():
+def test_ema_follows_the_reference_warm_up():
+    """The rule of CompVis' LitEma (the reference example's; ppdiffusers.models.ema.LitEma is the
+    same code): the n-th update, n = 1, 2, ..., uses decay min(decay, (1 + n) / (10 + n)). Checked
+    against that rule written out here and against LitEma itself, over updates on both sides of
+    the point (n = 35 for 0.8) where the configured decay takes over from the warm-up."""
+    from ppdiffusers.models.ema import LitEma
+
     from ldm.ema import COUNTER_KEY, EMA
 
+    paddle.seed(0)
     layer = paddle.nn.Linear(4, 3)
-    ema = EMA(layer, decay=0.9999)
-    assert abs(ema.decay() - 0.1) < 1e-12  # (1 + 0) / (10 + 0)
-    start = layer.weight.numpy().copy()
-    layer.weight.set_value(paddle.full_like(layer.weight, 1.0))
-    ema.update()  # decay 0.1: 90% of the new weights already
-    assert np.allclose(ema.shadow["weight"].numpy(), 0.1 * start + 0.9)
-    ema.num_updates = 10**6
-    assert ema.decay() == 0.9999  # (1 + n) / (10 + n) passes 0.9999 at n = 89991: capped
-    ema.num_updates = 90
-    assert abs(ema.decay() - 91 / 100) < 1e-12
+    ema, lit = EMA(layer, decay=0.8), LitEma(layer, decay=0.8)
+    expected = {n: p.numpy().astype(np.float64) for n, p in layer.named_parameters()}
+    rng = np.random.default_rng(0)
+    for n in range(1, 41):
+        for name, p in layer.named_parameters():
+            p.set_value(rng.normal(size=p.shape).astype("float32"))
+        ema.update()
+        lit(layer)
+        d = min(0.8, (1 + n) / (10 + n))
+        expected = {name: d * expected[name] + (1 - d) * p.numpy() for name, p in layer.named_parameters()}
+    reference = dict(lit.named_buffers())
+    for name in expected:
+        np.testing.assert_allclose(ema.shadow[name].numpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ema.shadow[name].numpy(), reference[lit.m_name2s_name[name]].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # Inside applied() the model holds the EMA; the trained weights come back after.
     trained = layer.weight.numpy().copy()
     with ema.applied():
-        inside = layer.weight.numpy().copy()
-    assert np.allclose(inside, 0.1 * start + 0.9)
+        np.testing.assert_allclose(layer.weight.numpy(), expected["weight"], rtol=1e-5, atol=1e-6)
     assert np.array_equal(layer.weight.numpy(), trained)
+    # The counter travels with the weights, so a resumed run continues the same warm-up.
     state = ema.state_numpy()
-    assert state[COUNTER_KEY][0] == 90
-    fresh = EMA(layer, decay=0.9999)
+    assert state[COUNTER_KEY][0] == 40
+    fresh = EMA(layer, decay=0.8)
     fresh.load_numpy(state)
-    assert fresh.num_updates == 90 and np.array_equal(fresh.shadow["weight"].numpy(), ema.shadow["weight"].numpy())
-
+    assert fresh.num_updates == 40 and np.array_equal(fresh.shadow["weight"].numpy(), ema.shadow["weight"].numpy())
 
 
 def test_ema_of_16_bit_weights_stays_float32():
