@@ -142,3 +142,172 @@ def test_resolution_stages_continue_the_run_at_the_new_size(vae_dir, tmp_path, s
     assert int(load_file(str(out / "checkpoint-4" / "ema.safetensors"))["__ema_num_updates__"][0]) == 4
     assert json.load(open(out / "unet" / "config.json"))["sample_size"] == 64 // 4
     assert json.load(open(out / "checkpoint-4" / "args.json"))["resolution"] == 64
+
+
+# -- Each recipe flag changes the first step's loss as its paper says ----------------------
+# One tiny model (built once), one fixed batch, one RNG seed. A forward hook on the UNet keeps
+# what it was given (the noisy latents x_t and the timesteps) and what it predicted; the test
+# then rebuilds the target and the loss from x_t with a noise schedule written here (not the
+# scheduler's), so a flag that is parsed but never reaches the loss, or a wrong target or weight,
+# fails. The recipes come from the command-line flags through RecipeArguments, as both scripts do.
+
+def recipe_from_flags(*flags):
+    from paddlenlp.trainer import PdArgumentParser
+
+    from ldm.args import RecipeArguments
+
+    (args,) = PdArgumentParser([RecipeArguments]).parse_args_into_dataclasses(args=list(flags))
+    return args.recipe()
+
+
+def alphas_bar(zero_terminal_snr=False):
+    """The LDM schedule ("scaled_linear": betas evenly spaced in sqrt between 0.00085 and 0.012),
+    and with zero terminal SNR rescaled as Lin et al. 2024, Algorithm 1: sqrt(alpha_bar) shifted
+    and scaled so it keeps its first value and ends at 0."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    a = np.cumprod(1.0 - betas)
+    if zero_terminal_snr:
+        s = np.sqrt(a)
+        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+        a = s**2
+    return a
+
+
+@pytest.fixture(scope="module")
+def recipe_bench(shapes, vae_dir):
+    """The tiny model with random (not zero) output layers, and 8 records of the shapes data."""
+    from test_cache_latents import first_batch, tiny_model
+
+    model = tiny_model(shapes, vae_dir)
+    model.eval()
+    with paddle.no_grad():
+        # The reference's zero-initialised output convs would make every prediction 0.
+        for p in model.trainable_parameters():
+            if not p.abs().max():
+                p.set_value(paddle.randn(p.shape) * 0.05)
+    return model, first_batch(shapes["file_list"], model, count=8)
+
+
+def first_step(bench, *flags, seed=11):
+    """The loss of one seeded step under the recipe of `flags`, with what the UNet saw and said,
+    and the clean latents x0 of that step (the posterior sample is the step's first draw)."""
+    from ldm.model import LatentDiffusionModel
+
+    base, batch = bench
+    model = LatentDiffusionModel(base.vae, base.text_encoder, base.unet, base.tokenizer, recipe_from_flags(*flags))
+    seen = {}
+
+    def keep(layer, inputs, output):
+        seen.update(x_t=inputs[0].numpy().astype(np.float64), t=inputs[1].numpy(), pred=output.sample.numpy().astype(np.float64))
+
+    hook = model.unet.register_forward_post_hook(keep)
+    try:
+        paddle.seed(seed)
+        with paddle.no_grad():
+            loss = float(model(**batch))
+    finally:
+        hook.remove()
+    paddle.seed(seed)
+    with paddle.no_grad():
+        seen["x0"] = model.encode_latents(batch["pixel_values"]).numpy().astype(np.float64)
+    return loss, seen
+
+
+def noise_of(seen, a):
+    """The noise in x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, solved for eps."""
+    at = a[seen["t"]].reshape(-1, 1, 1, 1)
+    return (seen["x_t"] - np.sqrt(at) * seen["x0"]) / np.sqrt(1 - at)
+
+
+def mse(pred, target, weights=None):
+    per_sample = ((pred - target) ** 2).mean(axis=(1, 2, 3))
+    return float((per_sample if weights is None else per_sample * weights).mean())
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=1e-4)
+
+
+def test_epsilon_loss_is_the_mse_to_the_noise(recipe_bench):
+    loss, seen = first_step(recipe_bench)
+    eps = noise_of(seen, alphas_bar())
+    assert abs(eps.std() - 1) < 0.1  # x_t really is the schedule's noising of x0
+    assert close(loss, mse(seen["pred"], eps)), (loss, mse(seen["pred"], eps))
+
+
+def test_v_prediction_learns_v(recipe_bench):
+    plain, _ = first_step(recipe_bench)
+    loss, seen = first_step(recipe_bench, "--prediction_type", "v_prediction")
+    a = alphas_bar()
+    at = a[seen["t"]].reshape(-1, 1, 1, 1)
+    v = np.sqrt(at) * noise_of(seen, a) - np.sqrt(1 - at) * seen["x0"]  # Salimans & Ho 2022, section 4
+    assert not close(loss, plain)
+    assert close(loss, mse(seen["pred"], v)), (loss, mse(seen["pred"], v))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_snr_gamma_weights_each_sample_by_min_snr(recipe_bench, prediction_type):
+    """Hang et al. 2023: the x0-loss weight min(SNR, gamma), which is min(SNR, gamma) / SNR in the
+    epsilon loss and min(SNR, gamma) / (SNR + 1) in the v loss."""
+    gamma = 1.0
+    plain, _ = first_step(recipe_bench, "--prediction_type", prediction_type)
+    loss, seen = first_step(recipe_bench, "--prediction_type", prediction_type, "--snr_gamma", str(gamma))
+    a = alphas_bar()
+    at = a[seen["t"]]
+    snr_t = at / (1 - at)
+    assert (snr_t > gamma).any() and (snr_t < gamma).any(), seen["t"]  # this seed's timesteps fall on both sides of gamma
+    eps = noise_of(seen, a)
+    if prediction_type == "epsilon":
+        target, weights = eps, np.minimum(snr_t, gamma) / snr_t
+    else:
+        at4 = at.reshape(-1, 1, 1, 1)
+        target, weights = np.sqrt(at4) * eps - np.sqrt(1 - at4) * seen["x0"], np.minimum(snr_t, gamma) / (snr_t + 1)
+    assert not close(loss, plain)
+    assert close(loss, mse(seen["pred"], target, weights)), (loss, mse(seen["pred"], target, weights))
+
+
+def test_noise_offset_shifts_the_noise_by_a_constant_per_image_and_channel(recipe_bench):
+    _, plain = first_step(recipe_bench)
+    loss, seen = first_step(recipe_bench, "--noise_offset", "0.1")
+    a = alphas_bar()
+    eps, eps_plain = noise_of(seen, a), noise_of(plain, a)
+    shift = eps - eps_plain  # the same first Gaussian draw, plus the offset
+    per_channel = shift.mean(axis=(2, 3), keepdims=True)
+    assert np.abs(shift - per_channel).max() < 1e-3
+    assert 0.03 < per_channel.std() < 0.3  # 0.1 x a standard normal per (image, channel)
+    assert close(loss, mse(seen["pred"], eps)) and not close(loss, mse(plain["pred"], eps_plain))
+
+
+def test_input_perturbation_noises_the_input_but_not_the_target(recipe_bench):
+    """Ning et al. 2023: x_t = sqrt(a) x0 + sqrt(1 - a) (eps + 0.1 xi), and the target stays eps."""
+    plain_loss, plain = first_step(recipe_bench)
+    loss, seen = first_step(recipe_bench, "--input_perturbation", "0.1")
+    assert np.array_equal(seen["t"], plain["t"])
+    a = alphas_bar()
+    eps = noise_of(plain, a)  # the unperturbed noise of the same draw
+    extra = noise_of(seen, a) - eps
+    assert 0.07 < extra.std() < 0.13
+    assert not close(loss, plain_loss)
+    assert close(loss, mse(seen["pred"], eps)), (loss, mse(seen["pred"], eps))
+
+
+def test_timestep_bias_moves_the_drawn_timesteps(recipe_bench):
+    _, plain = first_step(recipe_bench)
+    loss, seen = first_step(recipe_bench, "--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "1e6",
+                            "--timestep_bias_portion", "0.1")
+    assert (plain["t"] < 900).any()
+    assert (seen["t"] >= 900).all(), seen["t"]  # 99.99% of the draws' weight is on the last 100 timesteps
+    assert close(loss, mse(seen["pred"], noise_of(seen, alphas_bar())))
+
+
+def test_zero_terminal_snr_trains_on_the_rescaled_schedule(recipe_bench):
+    plain, _ = first_step(recipe_bench, "--prediction_type", "v_prediction")
+    loss, seen = first_step(recipe_bench, "--prediction_type", "v_prediction", "--zero_terminal_snr")
+    assert not close(loss, plain)
+
+    def v_loss(a):
+        at = a[seen["t"]].reshape(-1, 1, 1, 1)
+        return mse(seen["pred"], np.sqrt(at) * noise_of(seen, a) - np.sqrt(1 - at) * seen["x0"])
+
+    assert close(loss, v_loss(alphas_bar(zero_terminal_snr=True))), (loss, v_loss(alphas_bar(True)))
+    assert not close(loss, v_loss(alphas_bar()))
