@@ -115,16 +115,37 @@ def test_full_recipe_trains_and_the_stock_pipeline_samples_it(shapes, vae_dir, t
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
+def adam_names(shapes, vae_dir):
+    """{structured weight name: paddle parameter name} of the trained weights, as the training
+    script's process names them (the optimizer state is keyed by the latter): the same build in a
+    fresh name scope."""
+    from ldm.args import ModelArguments
+    from ldm.model import create_model
+
+    model_args = ModelArguments(vae_name_or_path=str(vae_dir), tokenizer_name=shapes["tokenizer"], model_max_length=16,
+                                text_encoder_config_file="config/tiny/ldmbert.json", unet_config_file="config/tiny/unet.json")
+    with paddle.utils.unique_name.guard():
+        model = create_model(model_args, 32, seed=23)
+    return {n: (p.name, tuple(p.shape)) for n, p in model.named_parameters() if not p.stop_gradient}
+
+
 def test_resolution_stages_continue_the_run_at_the_new_size(vae_dir, tmp_path, shapes):
-    """32 px for 2 steps, then the same command at 64 px to step 4: model, optimizer, EMA and
-    step continue, the data starts a new pass, the exported UNet samples at the new size."""
+    """32 px for 2 steps, then the same command at 64 px for one more: the first 64 px step starts
+    from the 32 px stage's weights and Adam moments. Checked on the saved tensors: Adam's moments
+    after step 3 are those of step 2 moved by one gradient g (m3 = b1 m2 + (1 - b1) g,
+    v3 = b2 v2 + (1 - b2) g^2), and the step-3 weights are the step-2 weights moved by Adam's step
+    from m3 and v3 (no weight decay here). A fresh optimizer (m2 = v2 = 0) or fresh weights fail it.
+    EMA and step continue, the data starts a new pass, the exported UNet samples at the new size."""
+    from safetensors.numpy import load_file
+
     from ldm.sample_data import write_sample_dataset
 
     file_list = write_sample_dataset(str(tmp_path / "data64"), num_parts=1, records_per_part=24, size=64, seed=2)
     out = tmp_path / "stages"
 
     def stage(resolution, steps):
-        args = ldm_args(shapes, vae_dir, out, steps, ["--save_steps", "2", "--image_logging_steps", "0", "--use_ema", "--ema_decay", "0.9"])
+        args = ldm_args(shapes, vae_dir, out, steps, ["--save_steps", "1", "--image_logging_steps", "0", "--use_ema", "--ema_decay", "0.9",
+                                                      "--weight_decay", "0.0"])
         args[args.index("--file_list") + 1] = file_list
         args[args.index("--resolution") + 1] = str(resolution)
         res = run_script(args)
@@ -132,16 +153,33 @@ def test_resolution_stages_continue_the_run_at_the_new_size(vae_dir, tmp_path, s
         return res.stdout + res.stderr
 
     stage(32, 2)
-    log = stage(64, 4)
+    log = stage(64, 3)
     assert "New resolution stage" in log and "trains at 64" in log
     assert "Resuming from" in log and "checkpoint-2" in log
-    state = json.load(open(out / "checkpoint-4" / "trainer_state.json"))
-    assert state["global_step"] == 4
-    from safetensors.numpy import load_file
 
-    assert int(load_file(str(out / "checkpoint-4" / "ema.safetensors"))["__ema_num_updates__"][0]) == 4
+    names = adam_names(shapes, vae_dir)
+    opt = [paddle.load(str(out / f"checkpoint-{s}" / "optimizer.pdopt"), return_numpy=True) for s in (2, 3)]
+    weights = [paddle.load(str(out / f"checkpoint-{s}" / "model_state.pdparams"), return_numpy=True) for s in (2, 3)]
+    b1, b2, lr, eps = 0.9, 0.999, 1e-3, 1e-8  # the Trainer's AdamW defaults; --learning_rate 1e-3 constant
+    moved = 0
+    for name, (pname, shape) in names.items():
+        m2, m3 = (o[f"{pname}_moment1_0"].astype(np.float64) for o in opt)
+        v2, v3 = (o[f"{pname}_moment2_0"].astype(np.float64) for o in opt)
+        assert m3.shape == shape, (name, pname)  # the name scope maps each weight to its own moments
+        g = (m3 - b1 * m2) / (1 - b1)
+        np.testing.assert_allclose(v3, b2 * v2 + (1 - b2) * g**2, rtol=1e-3, atol=1e-6 * float(np.abs(v3).max()) + 1e-30, err_msg=name)
+        # Paddle's Adam: lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); w -= lr_t m / (sqrt(v) + eps sqrt(1 - b2^t)), t = 3.
+        lr_t = lr * math.sqrt(1 - b2**3) / (1 - b1**3)
+        w2, w3 = (w[name].astype(np.float64) for w in weights)
+        np.testing.assert_allclose(w3, w2 - lr_t * m3 / (np.sqrt(v3) + eps * math.sqrt(1 - b2**3)), rtol=0, atol=1e-6, err_msg=name)
+        moved += int(np.abs(w3 - w2).max() > 1e-5)
+    assert moved > len(names) // 2  # most weights really took a step (the check above is not trivial)
+
+    state = json.load(open(out / "checkpoint-3" / "trainer_state.json"))
+    assert state["global_step"] == 3
+    assert int(load_file(str(out / "checkpoint-3" / "ema.safetensors"))["__ema_num_updates__"][0]) == 3
     assert json.load(open(out / "unet" / "config.json"))["sample_size"] == 64 // 4
-    assert json.load(open(out / "checkpoint-4" / "args.json"))["resolution"] == 64
+    assert json.load(open(out / "checkpoint-3" / "args.json"))["resolution"] == 64
 
 
 # -- Each recipe flag changes the first step's loss as its paper says ----------------------
