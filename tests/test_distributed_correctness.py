@@ -1,7 +1,8 @@
 """What a 32-GPU, multi-week run gets right or wrong, shown on 1-2 CPU processes.
 
-One module fixture trains the tiny model a few steps on a data set whose records are all the
-same image and caption (so every rank sees the same batches, whatever the sharding):
+One module fixture trains the tiny model 2 steps on a data set whose records are all the
+same image and caption (so every rank sees the same batches, whatever the sharding); the two
+plain 2-process runs are the session's (conftest.two_process_runs, shared with test_multiprocess):
   * explicit loop, 1 process;           * explicit loop, 2 processes;
   * explicit loop, 2 processes, --recompute;   * Trainer, 2 processes.
 """
@@ -13,46 +14,13 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import jpeg_b64, ldm_args, run_script, write_lists, write_part
+from conftest import dp_loop_args, launch, ldm_args, run_script
 
-STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def same_records(tmp_path_factory):
-    """Two parts of one repeated record: every rank's batches are identical."""
-    root = tmp_path_factory.mktemp("same")
-    image = jpeg_b64((40, 40), (200, 40, 40))
-    parts = []
-    for p in range(2):
-        path = str(root / f"part-{p:05d}.gz")
-        write_part(path, [f"a red square on a blue background\t_\t{image}"] * 24)
-        parts.append(path)
-    return write_lists(root, parts)
+STEPS = 2  # the weights compared are those of checkpoint-2
 
 
 def loop_args(shapes, vae, file_list, out, extra=()):
-    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "2",
-            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--adam_weight_decay", "0.02", "--max_grad_norm", "1.0",
-            "--max_train_steps", str(STEPS), "--lr_scheduler", "constant", "--logging_steps", "1", "--save_steps", str(STEPS),
-            "--seed", "23", "--num_workers", "1", "--vae_name_or_path", str(vae), "--caption_dropout", "0",
-            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
-            "--file_list", file_list, "--model_max_length", "16", "--tokenizer_name", str(shapes["tokenizer"]),
-            "--resolution", "32", "--image_logging_steps", "0", "--num_threads", "1", *extra]
-
-
-def trainer_args(shapes, vae, file_list, out):
-    args = ldm_args(shapes, vae, out, STEPS, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                                              "--max_grad_norm", "1.0", "--save_steps", str(STEPS), "--image_logging_steps", "0",
-                                              "--num_threads", "1", "--caption_dropout", "0", "--dataloader_num_workers", "1"])
-    return [a if a != shapes["file_list"] else file_list for a in args]
-
-
-def launch(args, log_dir):
-    res = run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), *args], timeout=900)
-    logs = [open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)]
-    assert res.returncode == 0, res.stderr[-2000:] + logs[0][-3000:] + logs[1][-2000:]
-    return logs
+    return dp_loop_args(shapes, vae, file_list, out, STEPS, extra)
 
 
 def checksums(logs):
@@ -77,19 +45,21 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(shapes, vae_dir, same_records, tmp_path_factory):
+def runs(shapes, vae_dir, same_records, two_process_runs, tmp_path_factory):
+    """Step-2 weights of: the loop on 1 process; on 2 processes (the session's 4-step run, conftest);
+    on 2 processes with --recompute; the Trainer on 2 processes (the session's)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     res = run_script(loop_args(shapes, vae_dir, same_records, root / "one"))
     assert res.returncode == 0, res.stderr[-3000:]
     out["one"] = trained_weights(root / "one")
-    for name, args in [("two", loop_args(shapes, vae_dir, same_records, root / "two")),
-                       ("two_recompute", loop_args(shapes, vae_dir, same_records, root / "two_recompute", ["--recompute"])),
-                       ("two_trainer", trainer_args(shapes, vae_dir, same_records, root / "two_trainer"))]:
-        logs = launch(args, root / f"logs_{name}")
-        a, b = checksums(logs)
+    logs = launch(loop_args(shapes, vae_dir, same_records, root / "two_recompute", ["--recompute"]), root / "logs_two_recompute")
+    assert checksums(logs)[0] == checksums(logs)[1], "two_recompute: ranks ended with different weights"
+    out["two_recompute"] = trained_weights(root / "two_recompute")
+    for name, kind in (("two", "no_trainer"), ("two_trainer", "trainer")):
+        a, b = checksums(two_process_runs[kind]["logs"])
         assert a == b, f"{name}: ranks ended with different weights"
-        out[name] = trained_weights(root / name)
+        out[name] = trained_weights(two_process_runs[kind]["out"])
     print({k: f"{max_diff(out['two'], v):.3e}" for k, v in out.items()})
     return out
 

@@ -90,7 +90,8 @@ def test_bad_recipes_stop_at_startup(shapes, vae_dir, tmp_path):
 
 def test_full_recipe_trains_and_the_stock_pipeline_samples_it(shapes, vae_dir, tmp_path):
     """Every option on, a few steps of the explicit loop (images logged too), then the exported
-    scheduler/ carries what sampling needs and the stock pipeline generates."""
+    scheduler/ carries what sampling needs and the stock pipeline generates. (That each option
+    changes the loss as it should is checked in-process below, one option at a time.)"""
     from ppdiffusers import LDMTextToImagePipeline
 
     out = tmp_path / "v"
