@@ -1,7 +1,8 @@
 """Exponential moving average of the trained weights, updated by the training loop after each optimizer step.
 
-The decay warms up as in CompVis' `LitEma` (and diffusers' EMAModel, and the reference example):
-decay_n = min(decay, (1 + n) / (10 + n)) at the n-th update. Without it, a 0.9999 EMA still
+The decay warms up as in CompVis' `LitEma` (the reference example's, ppdiffusers.models.ema.LitEma):
+decay_n = min(decay, (1 + n) / (10 + n)) at the n-th update, n = 1, 2, ... (LitEma counts the update
+before computing the decay: the first uses 2/11). Without it, a 0.9999 EMA still
 holds 0.9999**10000 = 37% of the random initialisation after 10k steps, and the exported
 pipeline (which is the EMA) is mostly noise for the first tens of thousands of steps.
 The update counter is part of the state, so a resumed run continues the same warm-up.
@@ -27,8 +28,8 @@ class EMA:
         self.shadow = {n: p.detach().astype("float32").clone() for n, p in self.params.items()}  # astype to the same dtype is no copy
 
     def decay(self) -> float:
-        """The decay of the next update (warm-up, then the configured value)."""
-        n = self.num_updates
+        """The decay of the next update, the (num_updates + 1)-th (warm-up, then the configured value)."""
+        n = self.num_updates + 1
         return min(self.max_decay, (1 + n) / (10 + n))
 
     @paddle.no_grad()

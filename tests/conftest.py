@@ -105,3 +105,110 @@ def stock_pipeline_dir(shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("stock") / "pipeline"
     LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler).save_pretrained(str(out))
     return out
+
+
+# -- Shared training runs ------------------------------------------------------------------
+# Each training configuration runs once per session: several test files read the same run's
+# output (checkpoints, exported pipeline) and must only read it. A test that continues a run
+# copies it first (shutil.copytree) so the shared directory stays as the run left it.
+
+RESUME_STEPS = 8  # the straight runs' length: long enough to interrupt at step 2 and resume
+
+
+def loop_resume_args(shapes, vae, out, steps, extra=()):
+    """The explicit loop with what resuming must restore: 2 data workers, a shuffle buffer, a
+    cosine schedule with warm-up, gradient accumulation, EMA, a checkpoint every step."""
+    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--max_train_steps", str(steps),
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1", "--save_steps", "1",
+            "--save_total_limit", "2", "--seed", "23", "--num_workers", "2", "--shuffle_buffer", "16",
+            "--vae_name_or_path", str(vae), "--text_encoder_config_file", "config/tiny/ldmbert.json",
+            "--unet_config_file", "config/tiny/unet.json", "--file_list", shapes["file_list"], "--model_max_length", "16",
+            "--tokenizer_name", shapes["tokenizer"], "--resolution", "32", "--image_logging_steps", "0", "--use_ema",
+            "--ema_decay", "0.9", *extra]
+
+
+def trainer_resume_args(shapes, vae, out, steps, extra=()):
+    """The same for the Trainer script."""
+    return ldm_args(shapes, vae, out, steps, ["--dataloader_num_workers", "2", "--image_logging_steps", "0", "--save_steps", "1",
+                                              "--shuffle_buffer", "16", "--lr_scheduler_type", "cosine", "--warmup_steps", "2",
+                                              "--use_ema", "--ema_decay", "0.9", *extra])
+
+
+def _train_once(root, name, args):
+    out = root / name
+    res = run_script(args(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def straight_loop_run(shapes, vae_dir):
+    """8 uninterrupted steps of the explicit loop (loop_resume_args): checkpoint-7, checkpoint-8 and
+    the exported pipeline (EMA weights of step 8). Read by test_resume_exact and test_generate."""
+    return _train_once(shapes["root"], "straight_loop", lambda out: loop_resume_args(shapes, vae_dir, out, RESUME_STEPS))
+
+
+@pytest.fixture(scope="session")
+def straight_trainer_run(shapes, vae_dir):
+    """The same with the Trainer script (checkpoints hold model.safetensors, as the explicit loop's). Read by
+    test_resume_exact, test_train_e2e and test_generate."""
+    return _train_once(shapes["root"], "straight_trainer", lambda out: trainer_resume_args(shapes, vae_dir, out, RESUME_STEPS))
+
+
+# -- Shared two-process runs (paddle.distributed.launch, gloo on the CPU) ---------------------
+
+def launch(args, log_dir):
+    """Run a training script on 2 processes; return both workers' logs (asserting it succeeded)."""
+    res = run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), *args], timeout=900)
+    logs = [open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)]
+    assert res.returncode == 0, res.stderr[-2000:] + logs[0][-3000:] + logs[1][-2000:]
+    return logs
+
+
+@pytest.fixture(scope="session")
+def same_records(tmp_path_factory):
+    """Two parts of one repeated record: every rank's batches are identical, whatever the sharding."""
+    root = tmp_path_factory.mktemp("same")
+    image = jpeg_b64((40, 40), (200, 40, 40))
+    parts = []
+    for p in range(2):
+        path = str(root / f"part-{p:05d}.gz")
+        write_part(path, [f"a red square on a blue background\t_\t{image}"] * 24)
+        parts.append(path)
+    return write_lists(root, parts)
+
+
+def dp_loop_args(shapes, vae, file_list, out, steps, extra=()):
+    """The explicit loop as the data-parallel tests run it: batch 2 x 2 accumulation per process,
+    gradient clipping, no caption dropout, a checkpoint every 2 steps, images logged at step 2."""
+    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--adam_weight_decay", "0.02", "--max_grad_norm", "1.0",
+            "--max_train_steps", str(steps), "--lr_scheduler", "constant", "--logging_steps", "1", "--save_steps", "2",
+            "--seed", "23", "--num_workers", "1", "--vae_name_or_path", str(vae), "--caption_dropout", "0",
+            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+            "--file_list", file_list, "--model_max_length", "16", "--tokenizer_name", str(shapes["tokenizer"]),
+            "--resolution", "32", "--image_logging_steps", "2", "--num_inference_steps", "2", "--num_threads", "1", *extra]
+
+
+def dp_trainer_args(shapes, vae, file_list, out, steps, extra=()):
+    """The same for the Trainer script."""
+    args = ldm_args(shapes, vae, out, steps, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                              "--max_grad_norm", "1.0", "--save_steps", "2", "--image_logging_steps", "2",
+                                              "--num_inference_steps", "2", "--num_threads", "1", "--caption_dropout", "0",
+                                              "--dataloader_num_workers", "1", *extra])
+    return [a if a != shapes["file_list"] else file_list for a in args]
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(shapes, vae_dir, same_records, tmp_path_factory):
+    """Each script on 2 processes for 4 steps on `same_records` (checkpoint-2 and checkpoint-4):
+    {"no_trainer" | "trainer": {"out": output dir, "logs": [workerlog.0, workerlog.1]}}. Read by
+    test_distributed_correctness (the weights of step 2) and test_multiprocess (sync, sharding,
+    logs, then a resume on a copy)."""
+    root = tmp_path_factory.mktemp("two_process")
+    runs = {}
+    for kind, make in (("no_trainer", dp_loop_args), ("trainer", dp_trainer_args)):
+        out = root / kind
+        runs[kind] = {"out": out, "logs": launch(make(shapes, vae_dir, same_records, out, 4), root / f"logs_{kind}")}
+    return runs

@@ -1,7 +1,8 @@
 """What a 32-GPU, multi-week run gets right or wrong, shown on 1-2 CPU processes.
 
-One module fixture trains the tiny model a few steps on a data set whose records are all the
-same image and caption (so every rank sees the same batches, whatever the sharding):
+One module fixture trains the tiny model 2 steps on a data set whose records are all the
+same image and caption (so every rank sees the same batches, whatever the sharding); the two
+plain 2-process runs are the session's (conftest.two_process_runs, shared with test_multiprocess):
   * explicit loop, 1 process;           * explicit loop, 2 processes;
   * explicit loop, 2 processes, --recompute;   * Trainer, 2 processes.
 """
@@ -13,46 +14,13 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import jpeg_b64, ldm_args, run_script, write_lists, write_part
+from conftest import dp_loop_args, launch, ldm_args, run_script
 
-STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def same_records(tmp_path_factory):
-    """Two parts of one repeated record: every rank's batches are identical."""
-    root = tmp_path_factory.mktemp("same")
-    image = jpeg_b64((40, 40), (200, 40, 40))
-    parts = []
-    for p in range(2):
-        path = str(root / f"part-{p:05d}.gz")
-        write_part(path, [f"a red square on a blue background\t_\t{image}"] * 24)
-        parts.append(path)
-    return write_lists(root, parts)
+STEPS = 2  # the weights compared are those of checkpoint-2
 
 
 def loop_args(shapes, vae, file_list, out, extra=()):
-    return ["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "2",
-            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--adam_weight_decay", "0.02", "--max_grad_norm", "1.0",
-            "--max_train_steps", str(STEPS), "--lr_scheduler", "constant", "--logging_steps", "1", "--save_steps", str(STEPS),
-            "--seed", "23", "--num_workers", "1", "--vae_name_or_path", str(vae), "--caption_dropout", "0",
-            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
-            "--file_list", file_list, "--model_max_length", "16", "--tokenizer_name", str(shapes["tokenizer"]),
-            "--resolution", "32", "--image_logging_steps", "0", "--num_threads", "1", *extra]
-
-
-def trainer_args(shapes, vae, file_list, out):
-    args = ldm_args(shapes, vae, out, STEPS, ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                                              "--max_grad_norm", "1.0", "--save_steps", str(STEPS), "--image_logging_steps", "0",
-                                              "--num_threads", "1", "--caption_dropout", "0", "--dataloader_num_workers", "1"])
-    return [a if a != shapes["file_list"] else file_list for a in args]
-
-
-def launch(args, log_dir):
-    res = run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), *args], timeout=900)
-    logs = [open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)]
-    assert res.returncode == 0, res.stderr[-2000:] + logs[0][-3000:] + logs[1][-2000:]
-    return logs
+    return dp_loop_args(shapes, vae, file_list, out, STEPS, extra)
 
 
 def checksums(logs):
@@ -61,13 +29,9 @@ def checksums(logs):
 
 def trained_weights(out):
     """Trainable weights at the last checkpoint, from either script's checkpoint format."""
-    ckpt = out / f"checkpoint-{STEPS}"
-    if (ckpt / "model.safetensors").is_file():
-        from safetensors.numpy import load_file
+    from safetensors.numpy import load_file
 
-        return load_file(str(ckpt / "model.safetensors"))
-    state = paddle.load(str(ckpt / "model_state.pdparams"), return_numpy=True)
-    return {k: v for k, v in state.items() if not k.startswith("vae.")}
+    return load_file(str(out / f"checkpoint-{STEPS}" / "model.safetensors"))
 
 
 def max_diff(a, b):
@@ -77,19 +41,21 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(shapes, vae_dir, same_records, tmp_path_factory):
+def runs(shapes, vae_dir, same_records, two_process_runs, tmp_path_factory):
+    """Step-2 weights of: the loop on 1 process; on 2 processes (the session's 4-step run, conftest);
+    on 2 processes with --recompute; the Trainer on 2 processes (the session's)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
     res = run_script(loop_args(shapes, vae_dir, same_records, root / "one"))
     assert res.returncode == 0, res.stderr[-3000:]
     out["one"] = trained_weights(root / "one")
-    for name, args in [("two", loop_args(shapes, vae_dir, same_records, root / "two")),
-                       ("two_recompute", loop_args(shapes, vae_dir, same_records, root / "two_recompute", ["--recompute"])),
-                       ("two_trainer", trainer_args(shapes, vae_dir, same_records, root / "two_trainer"))]:
-        logs = launch(args, root / f"logs_{name}")
-        a, b = checksums(logs)
+    logs = launch(loop_args(shapes, vae_dir, same_records, root / "two_recompute", ["--recompute"]), root / "logs_two_recompute")
+    assert checksums(logs)[0] == checksums(logs)[1], "two_recompute: ranks ended with different weights"
+    out["two_recompute"] = trained_weights(root / "two_recompute")
+    for name, kind in (("two", "no_trainer"), ("two_trainer", "trainer")):
+        a, b = checksums(two_process_runs[kind]["logs"])
         assert a == b, f"{name}: ranks ended with different weights"
-        out[name] = trained_weights(root / name)
+        out[name] = trained_weights(two_process_runs[kind]["out"])
     print({k: f"{max_diff(out['two'], v):.3e}" for k, v in out.items()})
     return out
 
@@ -120,31 +86,43 @@ def test_image_logging_leaves_the_training_rng_alone(shapes, vae_dir, same_recor
     assert max_diff(trained_weights(quiet), trained_weights(logged)) == 0.0
 
 
-def test_ema_warms_up_and_swaps_in_place():
+def test_ema_follows_the_reference_warm_up():
+    """The rule of CompVis' LitEma (the reference example's; ppdiffusers.models.ema.LitEma is the
+    same code): the n-th update, n = 1, 2, ..., uses decay min(decay, (1 + n) / (10 + n)). Checked
+    against that rule written out here and against LitEma itself, over updates on both sides of
+    the point (n = 35 for 0.8) where the configured decay takes over from the warm-up."""
+    from ppdiffusers.models.ema import LitEma
+
     from ldm.ema import COUNTER_KEY, EMA
 
+    paddle.seed(0)
     layer = paddle.nn.Linear(4, 3)
-    ema = EMA(layer, decay=0.9999)
-    assert abs(ema.decay() - 0.1) < 1e-12  # (1 + 0) / (10 + 0)
-    start = layer.weight.numpy().copy()
-    layer.weight.set_value(paddle.full_like(layer.weight, 1.0))
-    ema.update()  # decay 0.1: 90% of the new weights already
-    assert np.allclose(ema.shadow["weight"].numpy(), 0.1 * start + 0.9)
-    ema.num_updates = 10**6
-    assert ema.decay() == 0.9999  # (1 + n) / (10 + n) passes 0.9999 at n = 89991: capped
-    ema.num_updates = 90
-    assert abs(ema.decay() - 91 / 100) < 1e-12
+    ema, lit = EMA(layer, decay=0.8), LitEma(layer, decay=0.8)
+    expected = {n: p.numpy().astype(np.float64) for n, p in layer.named_parameters()}
+    rng = np.random.default_rng(0)
+    for n in range(1, 41):
+        for name, p in layer.named_parameters():
+            p.set_value(rng.normal(size=p.shape).astype("float32"))
+        ema.update()
+        lit(layer)
+        d = min(0.8, (1 + n) / (10 + n))
+        expected = {name: d * expected[name] + (1 - d) * p.numpy() for name, p in layer.named_parameters()}
+    reference = dict(lit.named_buffers())
+    for name in expected:
+        np.testing.assert_allclose(ema.shadow[name].numpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ema.shadow[name].numpy(), reference[lit.m_name2s_name[name]].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # Inside applied() the model holds the EMA; the trained weights come back after.
     trained = layer.weight.numpy().copy()
     with ema.applied():
-        inside = layer.weight.numpy().copy()
-    assert np.allclose(inside, 0.1 * start + 0.9)
+        np.testing.assert_allclose(layer.weight.numpy(), expected["weight"], rtol=1e-5, atol=1e-6)
     assert np.array_equal(layer.weight.numpy(), trained)
+    # The counter travels with the weights, so a resumed run continues the same warm-up.
     state = ema.state_numpy()
-    assert state[COUNTER_KEY][0] == 90
-    fresh = EMA(layer, decay=0.9999)
+    assert state[COUNTER_KEY][0] == 40
+    fresh = EMA(layer, decay=0.8)
     fresh.load_numpy(state)
-    assert fresh.num_updates == 90 and np.array_equal(fresh.shadow["weight"].numpy(), ema.shadow["weight"].numpy())
-
+    assert fresh.num_updates == 40 and np.array_equal(fresh.shadow["weight"].numpy(), ema.shadow["weight"].numpy())
 
 
 def test_ema_of_16_bit_weights_stays_float32():

@@ -8,30 +8,26 @@ import pytest
 from PIL import Image
 
 import generate
-from conftest import ldm_args, run_script
-from test_multiprocess import no_trainer_args
+from conftest import RESUME_STEPS, run_script
 
 PROMPTS = ["a red circle on a blue background, in the middle", "a green square on a white background, on the left"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(shapes, vae_dir, tmp_path_factory):
-    """A 2-step explicit-loop run at 32 px (f=4 autoencoder) with EMA: checkpoint-1, checkpoint-2
-    and the final pipeline directory, which holds the EMA weights of step 2."""
-    out = tmp_path_factory.mktemp("generate") / "run"
-    res = run_script(no_trainer_args(shapes, vae_dir, out, 2) + ["--use_ema", "--ema_decay", "0.5", "--save_steps", "1", "--image_logging_steps", "0"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+def run_dir(straight_loop_run):
+    """The session's 8-step explicit-loop run at 32 px (f=4 autoencoder) with EMA (conftest,
+    shared with test_resume_exact): checkpoint-7, checkpoint-8 and the final pipeline directory,
+    which holds the EMA weights of step 8."""
+    return straight_loop_run
 
 
 @pytest.fixture(scope="module")
-def trainer_run_dir(shapes, vae_dir, tmp_path_factory):
-    """The same with train_txt2img_laion400m_trainer.py, whose checkpoints hold model_state.pdparams."""
-    out = tmp_path_factory.mktemp("generate") / "trainer_run"
-    res = run_script(ldm_args(shapes, vae_dir, out, 2, ["--use_ema", "--ema_decay", "0.5", "--save_steps", "1", "--image_logging_steps", "0",
-                                                       "--per_device_train_batch_size", "2", "--num_threads", "1"]))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+def trainer_run_dir(straight_trainer_run):
+    """The same with train_txt2img_laion400m_trainer.py."""
+    return straight_trainer_run
+
+
+LAST = f"checkpoint-{RESUME_STEPS}"
 
 
 def run(model_dir, out, *extra, prompts=PROMPTS):
@@ -83,7 +79,7 @@ def test_checkpoint_uses_ema_weights_unless_told(request, tmp_path, script):
     from ppdiffusers import LDMTextToImagePipeline
 
     run_dir = request.getfixturevalue("run_dir" if script == "no_trainer" else "trainer_run_dir")
-    ckpt = run_dir / "checkpoint-2"
+    ckpt = run_dir / LAST
     ema = load_file(str(ckpt / "ema.safetensors"))
     raw = load_file(str(ckpt / "model.safetensors"))  # both scripts write it
     ema = {n: v for n, v in ema.items() if n.startswith(("unet.", "text_encoder."))}  # not its update counter
@@ -94,8 +90,8 @@ def test_checkpoint_uses_ema_weights_unless_told(request, tmp_path, script):
     assert which == "EMA" and all(np.array_equal(v, ema[n]) for n, v in pipeline_weights(pipe, ema).items())
     pipe, which = load_pipeline(str(ckpt), use_ema=False, trust_pickle=trust)
     assert which == "raw (--no_ema)" and all(np.array_equal(v, raw[n]) for n, v in pipeline_weights(pipe, ema).items())
-    # The final directory was exported with the EMA weights of step 2, and draws the same
-    # images as checkpoint-2 rebuilt from its args.json.
+    # The final directory was exported with the EMA weights of the last step, and draws the same
+    # images as that checkpoint rebuilt from its args.json.
     final = LDMTextToImagePipeline.from_pretrained(str(run_dir))
     assert all(np.array_equal(v, ema[n]) for n, v in pipeline_weights(final, ema).items())
     _, from_final = images(run(run_dir, tmp_path / "final"))
@@ -196,11 +192,11 @@ def test_validation_loss_of_written_models(request, shapes, source):
     assert all(np.isfinite(v) and v > 0 for v in first.values())
     assert Validator(exported, shapes["file_list"], 4, resolution, 2).losses() == first
     if source == "ours":
-        checkpoint, which = model_from_checkpoint(str(model_dir / "checkpoint-2"))
+        checkpoint, which = model_from_checkpoint(str(model_dir / LAST))
         assert which == "EMA"
         again = Validator(checkpoint, shapes["file_list"], 4, resolution, 2).losses()
         assert again == pytest.approx(first, rel=1e-5)
-        raw, _ = model_from_checkpoint(str(model_dir / "checkpoint-2"), use_ema=False)
+        raw, _ = model_from_checkpoint(str(model_dir / LAST), use_ema=False)
         assert Validator(raw, shapes["file_list"], 4, resolution, 2).losses() != first
 
 

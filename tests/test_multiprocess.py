@@ -1,20 +1,15 @@
-"""Both training scripts under `paddle.distributed.launch --nproc_per_node 2` on the CPU (gloo)."""
+"""Both training scripts under `paddle.distributed.launch --nproc_per_node 2` on the CPU (gloo).
+
+`no_trainer_args` stays here for test_host_syncs."""
 import json
 import os
 import re
+import shutil
 
 import pytest
 
-from conftest import ldm_args, run_script
+from conftest import dp_loop_args, dp_trainer_args, launch
 from ldm import data
-
-
-def launch(script_args, log_dir):
-    return run_script(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir), *script_args], timeout=900)
-
-
-def worker_logs(log_dir):
-    return [open(os.path.join(log_dir, f"workerlog.{r}")).read() for r in (0, 1)]
 
 
 def checksums(logs):
@@ -44,18 +39,14 @@ def logged_speed(out, kind):
     return [dict(zip(fields, values)) for values in zip(*series.values())]
 
 
-def trainer_args(shapes, vae, out, steps):
-    args = ldm_args(shapes, vae, out, steps)
-    return args + ["--per_device_train_batch_size", "2", "--save_steps", "2", "--image_logging_steps", "2", "--num_threads", "1"]
-
-
 @pytest.mark.parametrize("kind", ["no_trainer", "trainer"])
-def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, tmp_path, kind):
-    make = no_trainer_args if kind == "no_trainer" else trainer_args
-    out, logs_dir = tmp_path / "out", tmp_path / "logs"
-    res = launch(make(shapes, vae_dir, out, 4), logs_dir)
-    logs = worker_logs(logs_dir)
-    assert res.returncode == 0, res.stderr[-2000:] + logs[0][-2000:] + logs[1][-2000:]
+def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, same_records, two_process_runs, tmp_path, kind):
+    """The session's 4-step run of each script on 2 processes (conftest.two_process_runs), then a
+    re-run to step 6 on a copy of its output."""
+    make = dp_loop_args if kind == "no_trainer" else dp_trainer_args
+    logs = two_process_runs[kind]["logs"]
+    out = tmp_path / "out"
+    shutil.copytree(two_process_runs[kind]["out"], out)
 
     # Gradients were averaged: both ranks end with the same weights.
     a, b = checksums(logs)
@@ -66,7 +57,7 @@ def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, tmp_path, kind)
     ckpt = out / "checkpoint-4"
     pos = [json.load(open(ckpt / f"data_position_rank{r}.json")) for r in (0, 1)]
     assert all(p["world_size"] == 2 and p["batches"] > 0 for p in pos)
-    entries = data.read_file_list(shapes["file_list"])
+    entries = data.read_file_list(same_records)
     seen = []
     for rank, p in enumerate(pos):
         draws = p["workers"]["0"]["position"][0]
@@ -83,9 +74,7 @@ def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, tmp_path, kind)
                          s["images_per_second"] > 0 and s["tflops_per_device"] > 0 for s in speed), speed
 
     # Re-running continues from checkpoint-4.
-    res = launch(make(shapes, vae_dir, out, 6), tmp_path / "logs2")
-    logs = worker_logs(tmp_path / "logs2")
-    assert res.returncode == 0, logs[0][-2000:]
+    logs = launch(make(shapes, vae_dir, same_records, out, 6), tmp_path / "logs2")
     assert "Resuming from" in logs[0] and "checkpoint-4" in logs[0]
     assert (out / "checkpoint-6").is_dir()
     a, b = checksums(logs)

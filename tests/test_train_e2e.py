@@ -1,11 +1,12 @@
 """End to end: the real scripts on the tiny preset, asserting on what they wrote."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from conftest import ldm_args, run_script
+from conftest import RESUME_STEPS, ldm_args, run_script, trainer_resume_args
 
 
 def vdl_tags(logdir):
@@ -84,8 +85,10 @@ def test_final_output_loads_in_stock_pipeline(ldm_run):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
-def test_rerun_resumes_from_newest_checkpoint(shapes, vae_dir, ldm_run):
-    out, _ = ldm_run
+def test_rerun_resumes_from_newest_checkpoint(shapes, vae_dir, ldm_run, tmp_path):
+    # On a copy: the module's run stays as it finished for the other tests.
+    out = tmp_path / "ldm"
+    shutil.copytree(ldm_run[0], out)
     res = run_script(ldm_args(shapes, vae_dir, out, 10))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"Resuming from {out / 'checkpoint-8'}" in res.stdout + res.stderr
@@ -105,20 +108,17 @@ def test_loss_falls_over_a_short_run(shapes, vae_dir, tmp_path):
     assert np.mean(losses[-2:]) < 0.75 * losses[0], losses
 
 
-def test_resumed_run_reads_exactly_the_records_of_an_uninterrupted_one(shapes, vae_dir, tmp_path):
-    """Stop after 3 of 8 steps and re-run: the data positions (and skips) at step 8 match a straight run.
+def test_resumed_run_reads_exactly_the_records_of_an_uninterrupted_one(shapes, vae_dir, straight_trainer_run, tmp_path):
+    """Stop after 3 of 8 steps and re-run: the data positions (and skips) at step 8 match a straight
+    run (the session's, shared with test_resume_exact).
 
     3 is odd on purpose: the resumed DataLoader must start its round-robin at the second worker."""
-    extra = ["--dataloader_num_workers", "2", "--image_logging_steps", "0", "--save_steps", "1", "--shuffle_buffer", "16"]
-    straight = tmp_path / "straight"
-    res = run_script(ldm_args(shapes, vae_dir, straight, 8, extra))
-    assert res.returncode == 0, res.stderr[-3000:]
     split = tmp_path / "split"
-    for steps in (3, 8):
-        res = run_script(ldm_args(shapes, vae_dir, split, steps, extra))
+    for steps in (3, RESUME_STEPS):
+        res = run_script(trainer_resume_args(shapes, vae_dir, split, steps))
         assert res.returncode == 0, res.stderr[-3000:]
     assert "Data stream resumes at the position saved in" in res.stdout + res.stderr
-    a = json.load(open(straight / "checkpoint-8" / "data_position_rank0.json"))
+    a = json.load(open(straight_trainer_run / "checkpoint-8" / "data_position_rank0.json"))
     b = json.load(open(split / "checkpoint-8" / "data_position_rank0.json"))
     assert a == b and a["batches"] == 8 and len(a["workers"]) == 2
 
