@@ -215,3 +215,40 @@ def load_data_position(checkpoint_dir: str, rank: int) -> Optional[dict]:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def saved_data_order(checkpoint_dir: str) -> Optional[dict]:
+    """The data-order fingerprint saved with a checkpoint (rank 0's, which names every part: every
+    rank checks against the same one, so all ranks stop or go on together); None before fingerprints."""
+    saved = load_data_position(checkpoint_dir, 0)
+    return saved.get("data_order") if saved else None
+
+
+def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int, ignore_data_skip: bool) -> Optional[dict]:
+    """Resume `stream` (ldm.data.TextImageStream) at the data position saved in `checkpoint_dir`
+    and return that position (StreamProgress starts from it); or None when this run starts a new
+    pass (see data_position_to_resume). A saved position only means the same records under the
+    same order: a changed --seed, --shuffle_buffer, --parts_per_window, bucket set or file list
+    would re-read up to a pass of records or skip them without a word, so it stops the run here
+    (ValueError, one line naming what changed and what to do)."""
+    from paddlenlp.utils.log import logger
+
+    from ldm.data import fingerprint_changes, order_fingerprint
+
+    saved_order = saved_data_order(checkpoint_dir)
+    # Compared with the full listing on every rank, so each names the same parts.
+    changes = fingerprint_changes(saved_order, order_fingerprint(stream.entries, stream.order_settings(), listing=True)) if saved_order else []
+    saved = data_position_to_resume(checkpoint_dir, rank, stream.resolution, ignore_data_skip, bool(stream.buckets))
+    if saved is None:
+        if changes:
+            logger.info(f"The new pass of the data reads with changed settings: {'; '.join(changes)}")
+        return None
+    if saved_order is None:
+        logger.warning(f"{checkpoint_dir} has no data-order fingerprint (written before they were saved): its data position is resumed "
+                       "without checking that --seed, --shuffle_buffer, --parts_per_window and the file lists are unchanged")
+    elif changes:
+        raise ValueError(f"the data order changed since {checkpoint_dir}: {'; '.join(changes)}. Resuming its data position now would re-read "
+                         "or skip records of the current pass. Put the setting back, or pass --ignore_data_skip to start a new pass with "
+                         "the new settings (model, optimizer and step kept), or use a new --output_dir")
+    stream.resume(saved, num_workers)
+    return saved

@@ -33,13 +33,15 @@ import io
 import itertools
 import json
 import math
+import hashlib
 import os
+import stat
 import sys
 import traceback
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -161,12 +163,25 @@ class FileListEntry:
     path: str
     weight: float
     parts: List[str]
+    # Bytes of each part at start-up, -1 for one that is missing or not a regular file: the
+    # data-order fingerprint checkpoints save (a part that grew moves every later window).
+    sizes: List[int] = field(default_factory=list)
 
 
 def _list_lines(path: str) -> List[str]:
     """Non-blank, non-comment lines of a list file."""
     with open(path, "r", encoding="utf-8") as f:
         return [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+
+
+def part_size(path: str) -> int:
+    """Bytes of a part, or -1 if it is missing or not a regular file (a FIFO, device, socket or
+    directory is never opened: see open_part). One os.stat: 60,000 local parts take ~170 ms."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
 def read_file_list(file_list: str) -> List[FileListEntry]:
@@ -189,12 +204,72 @@ def read_file_list(file_list: str) -> List[FileListEntry]:
             raise ValueError(f"{file_list}: filelist {path!r} does not exist (relative paths resolve against {os.getcwd()})")
         parts = _list_lines(path)
         if parts:
-            entries.append(FileListEntry(path=path, weight=weight, parts=parts))
+            entries.append(FileListEntry(path=path, weight=weight, parts=parts, sizes=[part_size(p) for p in parts]))
     if not entries:
         raise ValueError(f"--file_list {file_list!r} lists no filelist with any part")
-    if not any(os.path.isfile(p) for e in entries for p in e.parts):
+    if all(size < 0 for e in entries for size in e.sizes):
         raise ValueError(f"--file_list {file_list!r}: none of its parts exists (first: {entries[0].parts[0]!r})")
     return entries
+
+
+# ---------------------------------------------------------------------------
+# The data-order fingerprint: what a saved position means (checked on resume)
+# ---------------------------------------------------------------------------
+
+
+def order_fingerprint(entries: List[FileListEntry], settings: Dict[str, object], listing: bool) -> dict:
+    """What defines the order of the stream, saved with every checkpoint's data position: the
+    settings (seed, --shuffle_buffer, ...) and, per filelist, its path, weight and a digest of its
+    parts and their sizes. With `listing` (rank 0's file) the parts and sizes themselves too, so a
+    change can be named part by part (60,000 parts: ~3 MB of JSON in one file per checkpoint)."""
+    lists = []
+    for e in entries:
+        digest = hashlib.sha1("\n".join(f"{p}\t{n}" for p, n in zip(e.parts, e.sizes)).encode()).hexdigest()
+        entry = {"path": e.path, "weight": e.weight, "parts": len(e.parts), "digest": digest}
+        if listing:
+            entry["listing"] = [[p, n] for p, n in zip(e.parts, e.sizes)]
+        lists.append(entry)
+    return {"settings": dict(settings), "filelists": lists}
+
+
+def _listing_change(old: dict, new: dict) -> str:
+    """How one filelist's parts changed: 'parts added: 1 (first: p), resized: 2 (first: q 10 -> 12 bytes)'."""
+    if "listing" not in old or "listing" not in new:
+        return f"its parts or their sizes changed ({old['parts']} -> {new['parts']} parts)"
+    before, after = dict(map(tuple, old["listing"])), dict(map(tuple, new["listing"]))
+    added = [p for p in after if p not in before]
+    removed = [p for p in before if p not in after]
+    resized = [p for p in after if p in before and after[p] != before[p]]
+    said = [f"{what}: {len(paths)} (first: {paths[0]}{f' {before[paths[0]]} -> {after[paths[0]]} bytes' if what == 'resized' else ''})"
+            for what, paths in (("parts added", added), ("parts removed", removed), ("resized", resized)) if paths]
+    if not said and [p for p, _ in old["listing"]] != [p for p, _ in new["listing"]]:
+        said = ["its parts were reordered"]
+    return ", ".join(said) or "its parts changed"
+
+
+def fingerprint_changes(old: dict, new: dict) -> List[str]:
+    """What differs between two order fingerprints, one item per setting or filelist ('--seed 1 -> 2')."""
+    changes = []
+    for name, value in new["settings"].items():
+        if name in old["settings"] and old["settings"][name] != value:
+            changes.append(f"--{name} {old['settings'][name]} -> {value}")
+    old_lists = {f["path"]: f for f in old["filelists"]}
+    new_lists = {f["path"]: f for f in new["filelists"]}
+    for path, f in old_lists.items():
+        if path not in new_lists:
+            changes.append(f"filelist {path} removed")
+    for path, f in new_lists.items():
+        if path not in old_lists:
+            changes.append(f"filelist {path} added")
+            continue
+        before = old_lists[path]
+        if before["weight"] != f["weight"]:
+            changes.append(f"weight of filelist {path} {before['weight']:g} -> {f['weight']:g}")
+        if before["digest"] != f["digest"]:
+            changes.append(f"filelist {path}: {_listing_change(before, f)}")
+    if not changes and [f["path"] for f in old["filelists"]] != [f["path"] for f in new["filelists"]]:
+        changes.append("the filelists' order in --file_list")
+    return changes
 
 
 # ---------------------------------------------------------------------------
@@ -621,6 +696,7 @@ class TextImageStream:
         # With aspect-ratio buckets (ldm.buckets) each worker yields whole batches of one bucket,
         # so the DataLoader must not batch again (`loader_batch_size`).
         self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio) if aspect_ratio_buckets else None
+        self.bucket_step = bucket_step
         self.batch_size = batch_size
         # ldm.cache_latents.LatentCache: samples carry the cached moments ("latent_moments") instead of pixels
         self.latent_cache = latent_cache
@@ -632,6 +708,19 @@ class TextImageStream:
             from ldm.tokenizer import CaptionEncoder
 
             self.encode_caption = CaptionEncoder(tokenizer, max_length)
+
+    def order_settings(self) -> Dict[str, object]:
+        """The flags that define the stream's order, by flag name. Without buckets, --max_aspect_ratio
+        only decides which records are skipped (a skipped record still advances the position)."""
+        settings = {"seed": self.seed, "shuffle_buffer": self.buffer_size, "parts_per_window": self.parts_per_window,
+                    "resolution": self.resolution, "aspect_ratio_buckets": bool(self.buckets)}
+        if self.buckets:  # the bucket set decides which records are batched together
+            settings.update(bucket_step=self.bucket_step, max_aspect_ratio=self.max_aspect_ratio)
+        return settings
+
+    def fingerprint(self) -> dict:
+        """The order fingerprint checkpoints save (see order_fingerprint); rank 0's names every part."""
+        return order_fingerprint(self.entries, self.order_settings(), listing=self.rank == 0)
 
     def loader_batch_size(self, batch_size: int):
         """batch_size for paddle.io.DataLoader: None when the stream yields whole (bucketed) batches."""
@@ -793,8 +882,10 @@ class StreamProgress:
     `fatal` is None, or the one-line reason this rank's data cannot go on (a barren shard).
     """
 
-    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None, resolution: Optional[int] = None):
+    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None, resolution: Optional[int] = None,
+                 fingerprint: Optional[dict] = None):
         self.world_size = world_size
+        self.fingerprint = fingerprint  # TextImageStream.fingerprint(): what a resume checks the order against
         self.num_workers = max(1, num_workers)
         self.resolution = resolution
         self.batches = 0
@@ -820,8 +911,11 @@ class StreamProgress:
                               f"record in its share of --file_list: {explain_barren(skips_from_vector(state['skips']), resolution)}")
 
     def state_dict(self) -> dict:
-        return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
-                "workers": {str(w): v for w, v in sorted(self.workers.items())}}
+        state = {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
+                 "workers": {str(w): v for w, v in sorted(self.workers.items())}}
+        if self.fingerprint is not None:
+            state["data_order"] = self.fingerprint
+        return state
 
     def skip_totals(self) -> Dict[str, int]:
         """Skip counts summed over this rank's workers and then over all ranks."""

@@ -34,7 +34,7 @@ from paddlenlp.transformers.model_utils import _add_variant
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file, save_file
 
-from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, data_position_to_resume, save_atomically,
+from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, data_position_file, resume_data_stream, save_atomically,
                             write_args)
 from ldm.data import StreamProgress, init_worker
 from ldm.ema import EMA, maybe_applied
@@ -66,12 +66,11 @@ class StreamTrainer(Trainer):
         # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
         # RNG state ourselves before the first step (the Trainer only does so when it skips).
         stream = self.train_dataset.stream
-        saved = data_position_to_resume(resume_from, rank, stream.resolution, self.args.ignore_data_skip, bool(stream.buckets)) if resume_from else None
+        saved = resume_data_stream(stream, resume_from, rank, self.args.dataloader_num_workers, self.args.ignore_data_skip) if resume_from else None
         if saved is not None:
-            stream.resume(saved, self.args.dataloader_num_workers)
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
         self.args.ignore_data_skip = True
-        self.progress = StreamProgress(self.train_dataset.stream.world_size, self.args.dataloader_num_workers, saved)
+        self.progress = StreamProgress(stream.world_size, self.args.dataloader_num_workers, saved, fingerprint=stream.fingerprint())
         self._rng_checkpoint = resume_from
         self.agreement = StepAgreement(getattr(self.args, "max_nonfinite_steps", 10))
         self.preempted = False
