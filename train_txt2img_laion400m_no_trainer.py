@@ -87,7 +87,7 @@ def main():
             saved = resume_data_stream(stream, resume, rank, args.num_workers, args.ignore_data_skip)
     except ValueError as e:
         exit_on_bad_input(e)
-    progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution, fingerprint=stream.fingerprint())
+    progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution, stream=stream)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
     loader = DataLoader(as_paddle_dataset(stream), batch_size=stream.loader_batch_size(args.train_batch_size), num_workers=args.num_workers,
                         drop_last=True, worker_init_fn=init_worker)

@@ -240,8 +240,9 @@ def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int,
     changes = fingerprint_changes(saved_order, order_fingerprint(stream.entries, stream.order_settings(), listing=True)) if saved_order else []
     saved = data_position_to_resume(checkpoint_dir, rank, stream.resolution, ignore_data_skip, bool(stream.buckets))
     if saved is None:
-        if changes:
-            logger.info(f"The new pass of the data reads with changed settings: {'; '.join(changes)}")
+        # A new pass is a new order: it follows the highest pass any worker of the checkpoint reached.
+        stream.start_new_pass(highest_saved_pass(checkpoint_dir) + 1)
+        logger.info(f"The data stream starts pass {stream.first_pass}" + (f", with changed settings: {'; '.join(changes)}" if changes else ""))
         return None
     if saved_order is None:
         logger.warning(f"{checkpoint_dir} has no data-order fingerprint (written before they were saved): its data position is resumed "
@@ -252,3 +253,17 @@ def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int,
                          "the new settings (model, optimizer and step kept), or use a new --output_dir")
     stream.resume(saved, num_workers)
     return saved
+
+
+def highest_saved_pass(checkpoint_dir: str) -> int:
+    """The highest pass of any filelist any worker of any rank had reached in a checkpoint."""
+    from ldm.data import CURSOR_FIELDS
+
+    highest = 0
+    for name in os.listdir(checkpoint_dir):
+        if re.match(r"^data_position_rank\d+\.json$", name):
+            with open(os.path.join(checkpoint_dir, name)) as f:
+                saved = json.load(f)
+            highest = max([highest, int(saved.get("first_pass", 0))] +
+                          [int(p) for w in saved["workers"].values() for p in w["position"][1::CURSOR_FIELDS]])
+    return highest

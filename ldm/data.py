@@ -704,6 +704,9 @@ class TextImageStream:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
         self.resume_state = None
+        # The pass every shard starts at when it has no saved position: 0 for a new run; after the
+        # highest pass a checkpoint reached when a resumed run starts a new pass (start_new_pass).
+        self.first_pass = 0
         if tokenizer is not None:
             from ldm.tokenizer import CaptionEncoder
 
@@ -736,10 +739,21 @@ class TextImageStream:
             raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes x {state['num_workers']} dataloader workers, "
                              f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start the data stream afresh")
         self.resume_state = state
+        self.first_pass = int(state.get("first_pass", 0))  # for a worker that had not yielded yet
+
+    def start_new_pass(self, pass_index: int) -> None:
+        """Start every shard afresh at `pass_index` (--ignore_data_skip, a resolution stage): the pass
+        index seeds the part order and every window's shuffle, so a new pass is a new order, never a
+        replay of pass 0's first records."""
+        self.resume_state = None
+        self.first_pass = pass_index
 
     def shard_stream(self, worker: int, num_workers: int, passes: Optional[int] = None) -> ShardStream:
         shard = self.rank * num_workers + worker
         state, skips, carry = None, None, []
+        if self.first_pass:
+            state = np.zeros(1 + CURSOR_FIELDS * len(self.entries), dtype="int64")
+            state[1::CURSOR_FIELDS] = self.first_pass
         if self.resume_state is not None:
             saved = self.resume_state["workers"].get(str(worker))
             if saved is not None:
@@ -883,9 +897,12 @@ class StreamProgress:
     """
 
     def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None, resolution: Optional[int] = None,
-                 fingerprint: Optional[dict] = None):
+                 stream: Optional["TextImageStream"] = None):
         self.world_size = world_size
-        self.fingerprint = fingerprint  # TextImageStream.fingerprint(): what a resume checks the order against
+        # From the stream: what a resume checks the order against (TextImageStream.fingerprint), and
+        # the pass a worker that has not yielded yet starts at (TextImageStream.start_new_pass).
+        self.fingerprint = stream.fingerprint() if stream is not None else None
+        self.first_pass = stream.first_pass if stream is not None else 0
         self.num_workers = max(1, num_workers)
         self.resolution = resolution
         self.batches = 0
@@ -915,6 +932,8 @@ class StreamProgress:
                  "workers": {str(w): v for w, v in sorted(self.workers.items())}}
         if self.fingerprint is not None:
             state["data_order"] = self.fingerprint
+        if self.first_pass:
+            state["first_pass"] = self.first_pass
         return state
 
     def skip_totals(self) -> Dict[str, int]:

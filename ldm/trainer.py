@@ -70,7 +70,7 @@ class StreamTrainer(Trainer):
         if saved is not None:
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
         self.args.ignore_data_skip = True
-        self.progress = StreamProgress(stream.world_size, self.args.dataloader_num_workers, saved, fingerprint=stream.fingerprint())
+        self.progress = StreamProgress(stream.world_size, self.args.dataloader_num_workers, saved, stream=stream)
         self._rng_checkpoint = resume_from
         self.agreement = StepAgreement(getattr(self.args, "max_nonfinite_steps", 10))
         self.preempted = False

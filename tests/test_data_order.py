@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import make_parts, run_script
+from conftest import make_parts, run_script, write_lists
 from test_resume_exact import no_trainer_args
 from ldm import checkpoint, data
 
@@ -25,7 +25,7 @@ def stream_of(file_list, resolution=32, seed=0, buffer_size=8, parts_per_window=
 
 def save_position(stream, ckpt, records=5, resolution=32):
     """A checkpoint directory with the data position after `records` records, as the training loops write it."""
-    progress = data.StreamProgress(1, 0, fingerprint=stream.fingerprint())
+    progress = data.StreamProgress(1, 0, stream=stream)
     for sample in (s for _, s in zip(range(records), stream)):
         progress.update(data.pack_bookkeeping(sample))
     os.makedirs(ckpt, exist_ok=True)
@@ -121,3 +121,56 @@ def test_the_training_script_refuses_a_changed_shuffle_buffer_on_resume(shapes, 
     assert res.returncode == 2, res.stderr[-3000:]
     error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "--shuffle_buffer 16 -> 8" in error[0], res.stderr[-3000:]
+
+
+# --- A new pass is a new order ------------------------------------------------------------------
+
+
+def keys(records):
+    return [(r["part"], r["line"]) for r in records]
+
+
+def one_pass(stream, worker=0, num_workers=1):
+    """The records of the shard's next whole pass (one filelist, starting at a pass boundary)."""
+    shard = stream.shard_stream(worker, num_workers)
+    out, first = [], None
+    for rec in stream.records(shard):
+        first = rec["pass"] if first is None else first
+        if rec["pass"] != first:
+            return first, out
+        out.append(rec)
+
+
+@pytest.mark.parametrize("how", ["ignore_data_skip", "resolution_stage"])
+def test_a_restarted_stream_reads_a_new_pass_in_a_new_order(tmp_path, how):
+    parts = make_parts(tmp_path, 4, 6)
+    file_list = write_lists(tmp_path, parts)
+    everything = sorted((p, n) for p in parts for n in range(1, 7))
+    pass0 = keys(one_pass(stream_of(file_list))[1])
+    save_position(stream_of(file_list), tmp_path / "checkpoint-4", records=10)  # mid pass 0
+    stream = stream_of(file_list, resolution=24 if how == "resolution_stage" else 32)
+    assert resume(stream, tmp_path / "checkpoint-4", ignore_data_skip=how == "ignore_data_skip") is None
+    pass_index, records = one_pass(stream)
+    assert pass_index == 1
+    assert sorted(keys(records)) == everything, "the new pass reads every record exactly once"
+    assert keys(records)[:8] != pass0[:8], "the new pass replays pass 0's first records"
+    # A worker that has not yielded when the next checkpoint is written starts at that pass too.
+    progress = data.StreamProgress(1, 0, stream=stream)
+    assert progress.state_dict()["first_pass"] == 1
+    again = stream_of(file_list)
+    again.resume(progress.state_dict(), 0)
+    assert one_pass(again)[0] == 1
+
+
+def test_each_pass_is_a_new_order_and_reads_every_record_once(tmp_path):
+    file_list, parts = make_data(tmp_path, num_parts=5, records=6)
+    everything = sorted((p, n) for p in parts for n in range(1, 7))
+    stream = stream_of(file_list)
+    for num_workers in (1, 3):
+        passes = {}
+        for worker in range(num_workers):
+            for rec in stream.records(stream.shard_stream(worker, num_workers, passes=2)):
+                passes.setdefault(rec["pass"], []).append((rec["part"], rec["line"]))
+        assert sorted(passes) == [0, 1]
+        assert sorted(passes[0]) == sorted(passes[1]) == everything
+        assert passes[0] != passes[1]
