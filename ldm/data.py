@@ -184,8 +184,10 @@ def part_size(path: str) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
-def read_file_list(file_list: str) -> List[FileListEntry]:
-    """Parse a --file_list; raise ValueError with one line that says what to fix."""
+def read_file_list(file_list: str, allow_missing_parts: bool = True) -> List[FileListEntry]:
+    """Parse a --file_list; raise ValueError with one line that says what to fix. Without
+    `allow_missing_parts` (training), a filelist none of whose parts exists is such an error: its
+    weight would silently go to the others (a mistyped mount point, a listing of another machine)."""
     if not os.path.isfile(file_list):
         raise ValueError(f"--file_list {file_list!r} does not exist; pass a file that lists one filelist path per line")
     entries = []
@@ -209,7 +211,22 @@ def read_file_list(file_list: str) -> List[FileListEntry]:
         raise ValueError(f"--file_list {file_list!r} lists no filelist with any part")
     if all(size < 0 for e in entries for size in e.sizes):
         raise ValueError(f"--file_list {file_list!r}: none of its parts exists (first: {entries[0].parts[0]!r})")
+    if not allow_missing_parts:
+        for e in entries:
+            if all(size < 0 for size in e.sizes):
+                raise ValueError(f"{file_list}: none of the {len(e.parts)} parts of filelist {e.path} exists as a file (first: {e.parts[0]!r}); "
+                                 "fix the paths, or pass --allow_missing_parts to train on the other filelists alone")
     return entries
+
+
+def describe_parts(entries: List[FileListEntry]) -> str:
+    """'a.filelist: 2 of 3 parts found, 1 missing (first: x.gz); b.filelist: ...' for the start-up log."""
+    said = []
+    for e in entries:
+        missing = [p for p, size in zip(e.parts, e.sizes) if size < 0]
+        said.append(f"{e.path}: {len(e.parts) - len(missing)} of {len(e.parts)} parts found"
+                    + (f", {len(missing)} missing (first: {missing[0]})" if missing else ""))
+    return "; ".join(said)
 
 
 # ---------------------------------------------------------------------------
@@ -619,23 +636,37 @@ class ShardStream:
     def __iter__(self) -> Iterator[RawRecord]:
         """Interleave the filelists' streams, drawing a filelist by weight (draw k is seeded by k)."""
         streams = [self.list_stream(i) for i in range(len(self.entries))]
-        alive = list(range(len(streams)))
-        while alive:
-            if len(alive) == 1:
-                i = alive[0]  # nothing to draw (a seeded generator per record costs ~2% of the worker's time)
-            else:
-                rng = np.random.default_rng([self.seed, self.shard, 2, int(self.state[0])])
-                if len(alive) == len(streams):
-                    i = min(int(np.searchsorted(self.cum_weights, rng.random(), side="right")), len(streams) - 1)
-                else:
-                    i = alive[int(rng.integers(len(alive)))]
+        ended = set()
+        while len(ended) < len(streams):
+            i = self._draw(ended)
             try:
                 rec = next(streams[i])
             except StopIteration:
-                alive.remove(i)
+                ended.add(i)  # draw again (same k): the walk goes on past it
                 continue
             self.state[0] += 1
             yield rec
+
+    def _draw(self, ended: set) -> int:
+        """The filelist of draw k = state[0]: the first not-ended one in a weighted order without
+        replacement seeded by k (its first pick is today's searchsorted draw). Once filelists have
+        ended (a --passes limit, or barren ones), the others keep their mutual ratio, 8:1 stays 8:1:
+        the first of the rest in such an order is drawn by their weights alone. A filelist found
+        ended only when drawn (a resumed stream learns it late) leaves the pick as it was: the walk
+        passes over it whether it was known ended or not, so the draws stay a function of the position."""
+        alive = [i for i in range(len(self.entries)) if i not in ended]
+        if len(alive) == 1:
+            return alive[0]  # nothing to draw (a seeded generator per record costs ~2% of the worker's time)
+        rng = np.random.default_rng([self.seed, self.shard, 2, int(self.state[0])])
+        candidates = list(range(len(self.entries)))
+        cum = self.cum_weights
+        while True:
+            pick = candidates[min(int(np.searchsorted(cum, rng.random(), side="right")), len(candidates) - 1)]
+            if pick not in ended:
+                return pick
+            candidates.remove(pick)
+            weights = np.array([self.entries[c].weight for c in candidates], dtype=np.float64)
+            cum = np.cumsum(weights / weights.sum())
 
 
 def current_rank_and_world() -> Tuple[int, int]:
@@ -682,8 +713,9 @@ class TextImageStream:
         bucket_step: int = 64,
         batch_size: int = 1,
         latent_cache=None,
+        allow_missing_parts: bool = False,
     ):
-        self.entries = read_file_list(file_list)
+        self.entries = read_file_list(file_list, allow_missing_parts)
         self.resolution = resolution
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -703,6 +735,8 @@ class TextImageStream:
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
+        if self.rank == 0:
+            log(f"{file_list}: {describe_parts(self.entries)}")
         self.resume_state = None
         # The pass every shard starts at when it has no saved position: 0 for a new run; after the
         # highest pass a checkpoint reached when a resumed run starts a new pass (start_new_pass).
@@ -1004,11 +1038,12 @@ def as_paddle_dataset(stream: TextImageStream):
 
 
 def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=sys.stdout,
-                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None, aspect_ratio_buckets=False, bucket_step=64):
+                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None, aspect_ratio_buckets=False, bucket_step=64,
+                 allow_missing_parts=False):
     """Print the pass-0 records of each of the rank's workers; return the number read and summed skip counts."""
     stream = TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size,
                              parts_per_window=parts_per_window, max_aspect_ratio=max_aspect_ratio,
-                             aspect_ratio_buckets=aspect_ratio_buckets, bucket_step=bucket_step)
+                             aspect_ratio_buckets=aspect_ratio_buckets, bucket_step=bucket_step, allow_missing_parts=allow_missing_parts)
     total = SkipCounter()
     read = 0
     for worker in range(num_workers):
@@ -1034,6 +1069,7 @@ def main(argv=None):
     parser.add_argument("--max_aspect_ratio", type=float, default=None, help="Skip images whose longer side is over this many times the shorter; unset keeps all.")
     parser.add_argument("--aspect_ratio_buckets", action="store_true", help="Crop each image to the aspect-ratio bucket nearest its own (width/height report the bucket).")
     parser.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (the autoencoder factor x the UNet's downsampling: 64 for ldm_32l).")
+    parser.add_argument("--allow_missing_parts", action="store_true", help="Go on when a filelist has no existing part (as the training scripts' flag).")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")
@@ -1045,7 +1081,8 @@ def main(argv=None):
     try:
         read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed,
                                    args.buffer_size, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio,
-                                   aspect_ratio_buckets=args.aspect_ratio_buckets, bucket_step=args.bucket_step)
+                                   aspect_ratio_buckets=args.aspect_ratio_buckets, bucket_step=args.bucket_step,
+                                   allow_missing_parts=args.allow_missing_parts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
