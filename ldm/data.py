@@ -70,6 +70,7 @@ SKIP_REASONS = (
     "not_gzip",  # a part named .gz whose bytes are not gzip
     "extreme_aspect_ratio",  # longer side over --max_aspect_ratio times the shorter
     "not_cached",  # training from cached latents, and column 4 holds none for this autoencoder and resolution
+    "not_a_file",  # a part path naming a FIFO, device, socket or directory (never opened: a FIFO would block)
 )
 
 # Caption-dropout draws made at a time (TextImageStream._caption_dropped).
@@ -135,6 +136,7 @@ LIKELY_CAUSES = {
     "not_gzip": "its parts named .gz are not gzip files",
     "extreme_aspect_ratio": "every image was more elongated than --max_aspect_ratio",
     "not_cached": "its parts carry no moments of this autoencoder at this --resolution: re-run python -m ldm.cache_latents on them",
+    "not_a_file": "its part paths name FIFOs, devices, sockets or directories, not files: check the paths in the filelists",
 }
 
 
@@ -320,8 +322,15 @@ def shard_units(units: Sequence[Unit], num_shards: int, shard: int, seed: int, l
 
 
 def open_part(path: str):
-    """A part opened for reading lines; raise Skip for a part that is missing, empty or not gzip."""
+    """A part opened for reading lines; raise Skip for a part that is missing, not a regular file,
+    empty or not gzip."""
     try:
+        # Looked at before it is opened: opening a FIFO blocks until a writer comes (a worker
+        # hung for good), and a device or directory is no part either.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or other special file"
+            raise Skip("not_a_file", f"{kind}, not a regular file")
         with open(path, "rb") as f:
             magic = f.read(2)
     except OSError as e:
@@ -899,19 +908,31 @@ class TextImageStream:
         batcher = BucketBatcher(self.batch_size)
         # A resumed worker first refills its queues with the records it had read but not yielded
         # (a smaller --per_device_train_batch_size than before may already fill some).
-        lines = read_lines((part, line) for part, line, _ in stream.carry)
-        for part, line, draw in stream.carry:
-            caption, data, reason = parse_line(lines.get((part, line), b""))
-            if reason is None:
-                rec = {"part": part, "line": line, "caption": caption, "draw": draw,
-                       "pixel_values": decode_image(data, self.resolution, self.max_aspect_ratio, self.buckets)}
-                full = batcher.add(self._sample(rec, stream, worker), [part, line, draw])
-                if full is not None:
-                    yield self._batch(full, batcher.carry())
+        for rec in self._carried_records(stream):
+            full = batcher.add(self._sample(rec, stream, worker), [rec["part"], rec["line"], rec["draw"]])
+            if full is not None:
+                yield self._batch(full, batcher.carry())
         for rec in self.records(stream):
             full = batcher.add(self._sample(rec, stream, worker), [rec["part"], rec["line"], rec["draw"]])
             if full is not None:
                 yield self._batch(full, batcher.carry())
+
+    def _carried_records(self, stream: ShardStream) -> Iterator[dict]:
+        """The records a resumed bucketed worker had read but not yielded (its saved carry), decoded
+        anew through the same guard as any record: one that no longer decodes (a part since
+        deleted or cut, cached moments gone, ...) is skipped and counted, never a crash that
+        would kill the worker again on every re-run."""
+        lines = read_lines((part, line) for part, line, _ in stream.carry)
+        for part, line, draw in stream.carry:
+            raw = lines.get((part, line))
+            try:
+                if raw is None:
+                    raise Skip("missing_part" if part_size(part) < 0 else "truncated_part", f"line {line} can no longer be read")
+                caption, key, value = self.decode(raw)
+            except Skip as e:
+                stream.skips.skip(e.reason, part, line, f"{e} (a record the checkpoint held in its bucket queues)")
+                continue
+            yield {"part": part, "line": line, "caption": caption, "draw": draw, key: value}
 
     @staticmethod
     def _batch(samples: List[dict], carry: list) -> dict:
