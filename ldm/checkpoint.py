@@ -238,7 +238,10 @@ def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int,
     saved_order = saved_data_order(checkpoint_dir)
     # Compared with the full listing on every rank, so each names the same parts.
     changes = fingerprint_changes(saved_order, order_fingerprint(stream.entries, stream.order_settings(), listing=True)) if saved_order else []
-    saved = data_position_to_resume(checkpoint_dir, rank, stream.resolution, ignore_data_skip, bool(stream.buckets))
+    # Rank 0's file decides for every rank (this rank may not have existed in the checkpoint's layout).
+    saved = data_position_to_resume(checkpoint_dir, 0, stream.resolution, ignore_data_skip, bool(stream.buckets))
+    if saved is not None and rank > 0:
+        saved = load_data_position(checkpoint_dir, rank) or {"world_size": saved["world_size"], "num_workers": saved["num_workers"], "batches": 0, "workers": {}}
     if saved is None:
         # A new pass is a new order: it follows the highest pass any worker of the checkpoint reached.
         stream.start_new_pass(highest_saved_pass(checkpoint_dir) + 1)
@@ -251,6 +254,14 @@ def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int,
         raise ValueError(f"the data order changed since {checkpoint_dir}: {'; '.join(changes)}. Resuming its data position now would re-read "
                          "or skip records of the current pass. Put the setting back, or pass --ignore_data_skip to start a new pass with "
                          "the new settings (model, optimizer and step kept), or use a new --output_dir")
+    if saved["world_size"] != stream.world_size or saved["num_workers"] != max(1, num_workers):
+        # Elastic resume: every old rank's position is needed to carry this rank's over.
+        old_ranks = [load_data_position(checkpoint_dir, r) for r in range(int(saved["world_size"]))]
+        if any(r is None for r in old_ranks):
+            raise ValueError(f"{checkpoint_dir} lacks the data position of rank {old_ranks.index(None)}, needed to resume on another number of "
+                             "processes or workers; resume on the checkpoint's, or pass --ignore_data_skip to start a new pass")
+        stream.resume(saved, num_workers, old_ranks)
+        return stream.resume_state
     stream.resume(saved, num_workers)
     return saved
 
@@ -264,6 +275,6 @@ def highest_saved_pass(checkpoint_dir: str) -> int:
         if re.match(r"^data_position_rank\d+\.json$", name):
             with open(os.path.join(checkpoint_dir, name)) as f:
                 saved = json.load(f)
-            highest = max([highest, int(saved.get("first_pass", 0))] +
+            highest = max([highest, int(saved.get("first_pass", 0))] + [int(p) for p in saved.get("elastic", {}).get("max_pass", [])] +
                           [int(p) for w in saved["workers"].values() for p in w["position"][1::CURSOR_FIELDS]])
     return highest

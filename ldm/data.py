@@ -539,6 +539,8 @@ class RawRecord:
 # records of the window already yielded). Four integers, so it travels with every sample and
 # a checkpoint can store exactly where each worker's stream stood.
 CURSOR_FIELDS = 4
+# The pass field of a shard still finishing old shards' passes after a layout change (ShardStream.tail_stream).
+TAIL_PASS = -1
 
 
 def group_windows(units: Sequence[Unit], window: int, skips: SkipCounter, first_window: int = 0) -> Iterator[List[Tuple[str, int, bytes]]]:
@@ -574,8 +576,11 @@ class ShardStream:
     """
 
     def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, window: int, state: Optional[np.ndarray] = None,
-                 parts_per_window: int = PARTS_PER_WINDOW, passes: Optional[int] = None):
+                 parts_per_window: int = PARTS_PER_WINDOW, passes: Optional[int] = None, tail: Optional[dict] = None):
         self.entries = entries
+        # After a layout change (TextImageStream.resume): the old shards whose interrupted passes this
+        # shard finishes first, {"old_shards": S, "max_pass": [per filelist], "tasks": [[old shard, position], ...]}.
+        self.tail = tail
         self.shard = shard
         self.num_shards = num_shards
         self.seed = seed
@@ -616,9 +621,53 @@ class ShardStream:
                         f"(the other filelists go on); skips so far: {format_skips(self.skips)}")
         self._used[list_index] = False
 
+    def tail_groups(self, list_index: int) -> List[Tuple[int, int, int, List[Unit], int, int]]:
+        """The groups of units left to read of the old shards this shard took over at a layout
+        change, in order: (pass, old shard, its group index, units, first window, records of that
+        window already read). For each old shard: the rest of its pass from its saved cursor, then
+        its whole passes up to the highest pass any old shard had reached (so every pass up to that
+        one is read exactly once, in the old layout; later passes use the new one)."""
+        old_shards = int(self.tail["old_shards"])
+        units = make_units(self.entries[list_index].parts, old_shards)
+        groups = []
+        for old_shard, position in self.tail["tasks"]:
+            start = position[1 + CURSOR_FIELDS * list_index : 1 + CURSOR_FIELDS * (list_index + 1)]
+            for pass_index in range(int(start[0]), int(self.tail["max_pass"][list_index]) + 1):
+                mine = shard_units(units, old_shards, int(old_shard), self.seed, list_index, pass_index)
+                first = int(start[1]) if pass_index == start[0] else 0
+                for g in range(first, -(-len(mine) // self.parts_per_window)):
+                    at_cursor = pass_index == start[0] and g == start[1]
+                    groups.append((pass_index, int(old_shard), g, mine[g * self.parts_per_window : (g + 1) * self.parts_per_window],
+                                   int(start[2]) if at_cursor else 0, int(start[3]) if at_cursor else 0))
+        return groups
+
+    def tail_stream(self, list_index: int) -> Iterator[RawRecord]:
+        """The old shards' records left to read (tail_groups), each window shuffled as its old shard
+        did, so the records it had yielded are exactly the first ones of its window's order. The
+        cursor is (TAIL_PASS, group of tail_groups, window, records of the window yielded); a shard
+        that has not entered its tail has group -1."""
+        cursor = self.cursor(list_index)
+        groups = self.tail_groups(list_index)
+        if cursor[1] < 0 and groups:
+            cursor[1:] = (0, groups[0][4], groups[0][5])
+        for t in range(max(0, int(cursor[1])), len(groups)):
+            pass_index, old_shard, g, units, _, _ = groups[t]
+            for w, window in enumerate(group_windows(units, self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
+                order = np.random.default_rng([self.seed, list_index, pass_index, old_shard, g, w]).permutation(len(window))
+                for k in range(int(cursor[3]), len(order)):
+                    part, line_no, raw = window[order[k]]
+                    cursor[1:] = (t, w, k + 1)
+                    yield RawRecord(part, line_no, raw, pass_index, list_index)
+                cursor[2:] = (w + 1, 0)
+            if t + 1 < len(groups):
+                cursor[1:] = (t + 1, groups[t + 1][4], groups[t + 1][5])
+        cursor[:] = (int(self.tail["max_pass"][list_index]) + 1, 0, 0, 0)  # the new layout from the next pass on
+
     def list_stream(self, list_index: int) -> Iterator[RawRecord]:
         """One filelist's endless stream for this shard, starting at its saved cursor."""
         cursor = self.cursor(list_index)  # a view: advancing it advances self.state
+        if cursor[0] == TAIL_PASS:
+            yield from self.tail_stream(list_index)
         while True:
             pass_index = int(cursor[0])
             units = shard_units(self.units[list_index], self.num_shards, self.shard, self.seed, list_index, pass_index)
@@ -772,17 +821,70 @@ class TextImageStream:
         """batch_size for paddle.io.DataLoader: None when the stream yields whole (bucketed) batches."""
         return None if self.buckets else batch_size
 
-    def resume(self, state: dict, num_workers: int) -> None:
+    def resume(self, state: dict, num_workers: int, all_ranks: Optional[List[dict]] = None) -> None:
         """Continue from a position saved by the trainer (see ldm.trainer.StreamProgress).
 
-        The position is per (rank, worker) shard, so it only means the same thing with the
-        same world size and number of dataloader workers; with others, start the stream afresh.
-        """
+        The position is per (rank, worker) shard. With another world size or number of dataloader
+        workers (elastic resume), `all_ranks` holds every old rank's saved state, in rank order, and
+        the position is carried over to this layout (relayout)."""
         if state["world_size"] != self.world_size or state["num_workers"] != max(1, num_workers):
-            raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes x {state['num_workers']} dataloader workers, "
-                             f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start the data stream afresh")
+            if all_ranks is None:
+                raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes x {state['num_workers']} dataloader workers, "
+                                 f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start a new pass")
+            state = self.relayout(all_ranks, max(1, num_workers))
         self.resume_state = state
         self.first_pass = int(state.get("first_pass", 0))  # for a worker that had not yielded yet
+
+    def relayout(self, old_ranks: List[dict], num_workers: int) -> dict:
+        """This rank's resume state in a new layout (world size x workers) from every old rank's.
+
+        Each old shard j (of S) is dealt to new shard j mod S'; a new shard first finishes the
+        passes of the old shards it was dealt (ShardStream.tail_stream: the rest of each one's
+        pass from its saved cursor, then its whole passes up to the highest pass any old shard had
+        reached, in the old layout), then reads the next passes in the new layout. So every record
+        of every pass is read once. Cost: each old shard re-reads (decompresses, does not decode)
+        up to the windows it had started, as any resume; at 32 x 8 -> 24 x 8 GPUs x workers, 64 of
+        the 192 new shards finish two old shards' passes, the others one: they begin the next pass
+        up to one old shard's share of a pass (1/256) apart, and nothing waits on that (the stream
+        is endless). Old skip counts and bucket queues go with their old shard."""
+        old_world, old_workers = int(old_ranks[0]["world_size"]), int(old_ranks[0]["num_workers"])
+        for state in old_ranks:
+            if state.get("elastic"):
+                was = state["elastic"]["from"]
+                raise ValueError(f"the checkpoint's data position is itself still finishing the passes of an earlier layout change "
+                                 f"({was[0]} x {was[1]} -> {old_world} x {old_workers} processes x dataloader workers); resume it on "
+                                 f"{old_world} x {old_workers} until a later checkpoint, or pass --ignore_data_skip to start a new pass")
+        lists = len(self.entries)
+        old = []  # every old shard's saved worker state, shard j = rank * workers + worker
+        for state in old_ranks:
+            first = int(state.get("first_pass", 0))
+            for w in range(old_workers):
+                saved = state["workers"].get(str(w)) or {"position": [0] + [first, 0, 0, 0] * lists, "skips": []}
+                if len(saved["position"]) != 1 + CURSOR_FIELDS * lists:
+                    raise ValueError(f"saved data position has {len(saved['position'])} numbers, expected {1 + CURSOR_FIELDS * lists}: the --file_list changed since the checkpoint")
+                old.append(saved)
+        max_pass = [max(int(v["position"][1 + CURSOR_FIELDS * l]) for v in old) for l in range(lists)]
+        num_shards = self.world_size * num_workers
+        workers, tasks = {}, {}
+        for w in range(num_workers):
+            mine = list(range(self.rank * num_workers + w, len(old), num_shards))  # old shards j = this shard mod S'
+            skips = np.zeros(len(SKIP_REASONS), "int64")
+            for j in mine:
+                vector = np.asarray(old[j]["skips"], "int64")[: len(SKIP_REASONS)]
+                skips[: len(vector)] += vector
+            position = [0]
+            for l in range(lists):
+                position += [TAIL_PASS, -1, 0, 0] if mine else [max_pass[l] + 1, 0, 0, 0]
+            workers[str(w)] = {"position": position, "skips": skips.tolist()}
+            carry = [c for j in mine for c in old[j].get("carry", [])]
+            if carry:
+                workers[str(w)]["carry"] = carry
+            if mine:
+                tasks[str(w)] = [[j, old[j]["position"]] for j in mine]
+        log(f"rank {self.rank}: data position carried over from {old_world} x {old_workers} to {self.world_size} x {num_workers} processes x workers; "
+            f"the old shards' passes (up to pass {max(max_pass)}) are finished first, then the new layout reads on")
+        return {"world_size": self.world_size, "num_workers": num_workers, "batches": 0, "workers": workers,
+                "elastic": {"from": [old_world, old_workers], "old_shards": len(old), "max_pass": max_pass, "tasks": tasks}}
 
     def start_new_pass(self, pass_index: int) -> None:
         """Start every shard afresh at `pass_index` (--ignore_data_skip, a resolution stage): the pass
@@ -797,11 +899,15 @@ class TextImageStream:
         if self.first_pass:
             state = np.zeros(1 + CURSOR_FIELDS * len(self.entries), dtype="int64")
             state[1::CURSOR_FIELDS] = self.first_pass
+        tail = None
         if self.resume_state is not None:
             saved = self.resume_state["workers"].get(str(worker))
             if saved is not None:
                 state, skips, carry = saved["position"], saved["skips"], saved.get("carry", [])
-        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes)
+            elastic = self.resume_state.get("elastic")
+            if elastic and str(worker) in elastic["tasks"]:
+                tail = {"old_shards": elastic["old_shards"], "max_pass": elastic["max_pass"], "tasks": elastic["tasks"][str(worker)]}
+        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes, tail)
         stream.skips.where = f"rank {self.rank} worker {worker}"
         stream.carry = carry  # bucketed records read but not yet yielded (ldm.buckets)
         if skips is not None:
@@ -963,9 +1069,11 @@ class StreamProgress:
         self.batches = 0
         self.workers: Dict[int, dict] = {}
         self.fatal: Optional[str] = None
+        self.elastic = None  # the old shards' passes still to finish after a layout change (TextImageStream.relayout)
         if resumed:
             self.batches = int(resumed["batches"])
             self.workers = {int(w): v for w, v in resumed["workers"].items()}
+            self.elastic = resumed.get("elastic")
 
     def update(self, batch: dict) -> None:
         """Take the stream's bookkeeping out of a collated batch (so the model never sees it)."""
@@ -989,6 +1097,8 @@ class StreamProgress:
             state["data_order"] = self.fingerprint
         if self.first_pass:
             state["first_pass"] = self.first_pass
+        if self.elastic and any(p == TAIL_PASS for v in self.workers.values() for p in v["position"][1::CURSOR_FIELDS]):
+            state["elastic"] = self.elastic  # dropped once every worker of this rank has finished its old shards' passes
         return state
 
     def skip_totals(self) -> Dict[str, int]:
