@@ -102,3 +102,18 @@ def test_skip_counts_survive_a_layout_change(tmp_path):
     stream = stream_for(file_list, 0, 1)
     saved = checkpoint.resume_data_stream(stream, str(tmp_path / "checkpoint-3"), 0, 3, False)
     assert sum(w["skips"][data.SKIP_REASONS.index("missing_part")] for w in saved["workers"].values()) == total
+
+
+def test_the_training_script_resumes_on_more_dataloader_workers(shapes, vae_dir, tmp_path):
+    from conftest import run_script
+    from test_resume_exact import no_trainer_args
+
+    out = tmp_path / "run"
+    res = run_script(no_trainer_args(shapes, vae_dir, out, 2, ["--num_workers", "1", "--save_steps", "2"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_script(no_trainer_args(shapes, vae_dir, out, 4, ["--num_workers", "2", "--save_steps", "2"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "data position carried over from 1 x 1 to 1 x 2" in res.stderr
+    with open(checkpoint.data_position_file(str(out / "checkpoint-4"), 0)) as f:
+        saved = json.load(f)
+    assert saved["num_workers"] == 2 and set(saved["workers"]) == {"0", "1"}
