@@ -17,7 +17,7 @@ from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
-from ldm.checkpoint import CheckpointWriteError, data_position_to_resume, load_checkpoint, save_checkpoint
+from ldm.checkpoint import CheckpointWriteError, load_checkpoint, resume_data_stream, save_checkpoint
 from ldm.data import StreamProgress, as_paddle_dataset, init_worker
 from ldm.ema import EMA, maybe_applied
 from ldm.flops import flops_per_training_image
@@ -87,12 +87,10 @@ def main():
         resume = checkpoint_to_resume(args)
         if resume:
             step = load_checkpoint(resume, model, optimizer, lr_scheduler, ema, scaler, model_args.trust_pickle)
-            saved = data_position_to_resume(resume, rank, data_args.resolution, args.ignore_data_skip, data_args.aspect_ratio_buckets)
-            if saved is not None:
-                stream.resume(saved, args.num_workers)
+            saved = resume_data_stream(stream, resume, rank, args.num_workers, args.ignore_data_skip)
     except ValueError as e:
         exit_on_bad_input(e)
-    progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution)
+    progress = StreamProgress(world_size, args.num_workers, saved, resolution=data_args.resolution, stream=stream)
     train_model = paddle.DataParallel(model) if world_size > 1 else model
     loader = DataLoader(as_paddle_dataset(stream), batch_size=stream.loader_batch_size(args.train_batch_size), num_workers=args.num_workers,
                         drop_last=True, worker_init_fn=init_worker)

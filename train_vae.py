@@ -67,7 +67,8 @@ def main():
         discriminator = NLayerDiscriminator(3, ae_args.disc_channels, ae_args.disc_num_layers) if ae_args.disc_weight > 0 else None
         model = AutoencoderTrainingModel(vae, ae_args.kl_weight, discriminator, ae_args.disc_start, ae_args.disc_weight)
         stream = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed,
-                                 parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio)
+                                 parts_per_window=data_args.parts_per_window, max_aspect_ratio=data_args.max_aspect_ratio,
+                                 allow_missing_parts=data_args.allow_missing_parts)
     except ValueError as e:
         exit_on_bad_input(e)
     log_startup(model, training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps,
@@ -105,7 +106,7 @@ def main():
     if trainer.is_world_process_zero():
         # A fresh single-shard pass over the data (not the training stream's position).
         fresh = TextImageStream(data_args.file_list, data_args.resolution, buffer_size=data_args.shuffle_buffer, seed=training_args.seed, rank=0, world_size=1,
-                                max_aspect_ratio=data_args.max_aspect_ratio)
+                                max_aspect_ratio=data_args.max_aspect_ratio, allow_missing_parts=data_args.allow_missing_parts)
         images = (paddle.to_tensor(r["pixel_values"][None]) for r in fresh.records(fresh.shard_stream(0, 1)))
         batches = [paddle.concat(list(itertools.islice(images, training_args.per_device_train_batch_size))) for _ in range(ae_args.scaling_batches)]
         with maybe_applied(trainer.ema):

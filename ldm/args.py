@@ -163,6 +163,11 @@ class DataArguments:
         metadata={"help": "Batches of one aspect-ratio bucket of about --resolution^2 pixels (sides multiples of the autoencoder factor x UNet downsampling, ratios up to --max_aspect_ratio, default 2): each image is resized to cover its bucket and only the excess centre-cropped."},
     )
 
+    allow_missing_parts: bool = field(
+        default=False,
+        metadata={"help": "Go on when a filelist of --file_list has no existing part (its weight then goes to the others); by default that stops the run at start-up."},
+    )
+
     def __post_init__(self):
         require_positive(self, "resolution", "shuffle_buffer", "parts_per_window")
         if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1:

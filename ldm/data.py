@@ -33,13 +33,15 @@ import io
 import itertools
 import json
 import math
+import hashlib
 import os
+import stat
 import sys
 import traceback
 import warnings
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -68,6 +70,7 @@ SKIP_REASONS = (
     "not_gzip",  # a part named .gz whose bytes are not gzip
     "extreme_aspect_ratio",  # longer side over --max_aspect_ratio times the shorter
     "not_cached",  # training from cached latents, and column 4 holds none for this autoencoder and resolution
+    "not_a_file",  # a part path naming a FIFO, device, socket or directory (never opened: a FIFO would block)
 )
 
 # Caption-dropout draws made at a time (TextImageStream._caption_dropped).
@@ -133,6 +136,7 @@ LIKELY_CAUSES = {
     "not_gzip": "its parts named .gz are not gzip files",
     "extreme_aspect_ratio": "every image was more elongated than --max_aspect_ratio",
     "not_cached": "its parts carry no moments of this autoencoder at this --resolution: re-run python -m ldm.cache_latents on them",
+    "not_a_file": "its part paths name FIFOs, devices, sockets or directories, not files: check the paths in the filelists",
 }
 
 
@@ -161,6 +165,9 @@ class FileListEntry:
     path: str
     weight: float
     parts: List[str]
+    # Bytes of each part at start-up, -1 for one that is missing or not a regular file: the
+    # data-order fingerprint checkpoints save (a part that grew moves every later window).
+    sizes: List[int] = field(default_factory=list)
 
 
 def _list_lines(path: str) -> List[str]:
@@ -169,8 +176,20 @@ def _list_lines(path: str) -> List[str]:
         return [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
 
 
-def read_file_list(file_list: str) -> List[FileListEntry]:
-    """Parse a --file_list; raise ValueError with one line that says what to fix."""
+def part_size(path: str) -> int:
+    """Bytes of a part, or -1 if it is missing or not a regular file (a FIFO, device, socket or
+    directory is never opened: see open_part). One os.stat: 60,000 local parts take ~170 ms."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
+
+
+def read_file_list(file_list: str, allow_missing_parts: bool = True) -> List[FileListEntry]:
+    """Parse a --file_list; raise ValueError with one line that says what to fix. Without
+    `allow_missing_parts` (training), a filelist none of whose parts exists is such an error: its
+    weight would silently go to the others (a mistyped mount point, a listing of another machine)."""
     if not os.path.isfile(file_list):
         raise ValueError(f"--file_list {file_list!r} does not exist; pass a file that lists one filelist path per line")
     entries = []
@@ -189,12 +208,87 @@ def read_file_list(file_list: str) -> List[FileListEntry]:
             raise ValueError(f"{file_list}: filelist {path!r} does not exist (relative paths resolve against {os.getcwd()})")
         parts = _list_lines(path)
         if parts:
-            entries.append(FileListEntry(path=path, weight=weight, parts=parts))
+            entries.append(FileListEntry(path=path, weight=weight, parts=parts, sizes=[part_size(p) for p in parts]))
     if not entries:
         raise ValueError(f"--file_list {file_list!r} lists no filelist with any part")
-    if not any(os.path.isfile(p) for e in entries for p in e.parts):
+    if all(size < 0 for e in entries for size in e.sizes):
         raise ValueError(f"--file_list {file_list!r}: none of its parts exists (first: {entries[0].parts[0]!r})")
+    if not allow_missing_parts:
+        for e in entries:
+            if all(size < 0 for size in e.sizes):
+                raise ValueError(f"{file_list}: none of the {len(e.parts)} parts of filelist {e.path} exists as a file (first: {e.parts[0]!r}); "
+                                 "fix the paths, or pass --allow_missing_parts to train on the other filelists alone")
     return entries
+
+
+def describe_parts(entries: List[FileListEntry]) -> str:
+    """'a.filelist: 2 of 3 parts found, 1 missing (first: x.gz); b.filelist: ...' for the start-up log."""
+    said = []
+    for e in entries:
+        missing = [p for p, size in zip(e.parts, e.sizes) if size < 0]
+        said.append(f"{e.path}: {len(e.parts) - len(missing)} of {len(e.parts)} parts found"
+                    + (f", {len(missing)} missing (first: {missing[0]})" if missing else ""))
+    return "; ".join(said)
+
+
+# ---------------------------------------------------------------------------
+# The data-order fingerprint: what a saved position means (checked on resume)
+# ---------------------------------------------------------------------------
+
+
+def order_fingerprint(entries: List[FileListEntry], settings: Dict[str, object], listing: bool) -> dict:
+    """What defines the order of the stream, saved with every checkpoint's data position: the
+    settings (seed, --shuffle_buffer, ...) and, per filelist, its path, weight and a digest of its
+    parts and their sizes. With `listing` (rank 0's file) the parts and sizes themselves too, so a
+    change can be named part by part (60,000 parts: ~3 MB of JSON in one file per checkpoint)."""
+    lists = []
+    for e in entries:
+        digest = hashlib.sha1("\n".join(f"{p}\t{n}" for p, n in zip(e.parts, e.sizes)).encode()).hexdigest()
+        entry = {"path": e.path, "weight": e.weight, "parts": len(e.parts), "digest": digest}
+        if listing:
+            entry["listing"] = [[p, n] for p, n in zip(e.parts, e.sizes)]
+        lists.append(entry)
+    return {"settings": dict(settings), "filelists": lists}
+
+
+def _listing_change(old: dict, new: dict) -> str:
+    """How one filelist's parts changed: 'parts added: 1 (first: p), resized: 2 (first: q 10 -> 12 bytes)'."""
+    if "listing" not in old or "listing" not in new:
+        return f"its parts or their sizes changed ({old['parts']} -> {new['parts']} parts)"
+    before, after = dict(map(tuple, old["listing"])), dict(map(tuple, new["listing"]))
+    added = [p for p in after if p not in before]
+    removed = [p for p in before if p not in after]
+    resized = [p for p in after if p in before and after[p] != before[p]]
+    said = [f"{what}: {len(paths)} (first: {paths[0]}{f' {before[paths[0]]} -> {after[paths[0]]} bytes' if what == 'resized' else ''})"
+            for what, paths in (("parts added", added), ("parts removed", removed), ("resized", resized)) if paths]
+    if not said and [p for p, _ in old["listing"]] != [p for p, _ in new["listing"]]:
+        said = ["its parts were reordered"]
+    return ", ".join(said) or "its parts changed"
+
+
+def fingerprint_changes(old: dict, new: dict) -> List[str]:
+    """What differs between two order fingerprints, one item per setting or filelist ('--seed 1 -> 2')."""
+    changes = []
+    for name, value in new["settings"].items():
+        if name in old["settings"] and old["settings"][name] != value:
+            changes.append(f"--{name} {old['settings'][name]} -> {value}")
+    old_lists = {f["path"]: f for f in old["filelists"]}
+    new_lists = {f["path"]: f for f in new["filelists"]}
+    for path, f in old_lists.items():
+        if path not in new_lists:
+            changes.append(f"filelist {path} removed")
+    for path, f in new_lists.items():
+        if path not in old_lists:
+            changes.append(f"filelist {path} added")
+            continue
+        before = old_lists[path]
+        if before["weight"] != f["weight"]:
+            changes.append(f"weight of filelist {path} {before['weight']:g} -> {f['weight']:g}")
+        if before["digest"] != f["digest"]:
+            changes.append(f"filelist {path}: {_listing_change(before, f)}")
+    if not changes and [f["path"] for f in old["filelists"]] != [f["path"] for f in new["filelists"]]:
+        changes.append("the filelists' order in --file_list")
+    return changes
 
 
 # ---------------------------------------------------------------------------
@@ -228,8 +322,15 @@ def shard_units(units: Sequence[Unit], num_shards: int, shard: int, seed: int, l
 
 
 def open_part(path: str):
-    """A part opened for reading lines; raise Skip for a part that is missing, empty or not gzip."""
+    """A part opened for reading lines; raise Skip for a part that is missing, not a regular file,
+    empty or not gzip."""
     try:
+        # Looked at before it is opened: opening a FIFO blocks until a writer comes (a worker
+        # hung for good), and a device or directory is no part either.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or other special file"
+            raise Skip("not_a_file", f"{kind}, not a regular file")
         with open(path, "rb") as f:
             magic = f.read(2)
     except OSError as e:
@@ -438,6 +539,8 @@ class RawRecord:
 # records of the window already yielded). Four integers, so it travels with every sample and
 # a checkpoint can store exactly where each worker's stream stood.
 CURSOR_FIELDS = 4
+# The pass field of a shard still finishing old shards' passes after a layout change (ShardStream.tail_stream).
+TAIL_PASS = -1
 
 
 def group_windows(units: Sequence[Unit], window: int, skips: SkipCounter, first_window: int = 0) -> Iterator[List[Tuple[str, int, bytes]]]:
@@ -473,8 +576,11 @@ class ShardStream:
     """
 
     def __init__(self, entries: List[FileListEntry], shard: int, num_shards: int, seed: int, window: int, state: Optional[np.ndarray] = None,
-                 parts_per_window: int = PARTS_PER_WINDOW, passes: Optional[int] = None):
+                 parts_per_window: int = PARTS_PER_WINDOW, passes: Optional[int] = None, tail: Optional[dict] = None):
         self.entries = entries
+        # After a layout change (TextImageStream.resume): the old shards whose interrupted passes this
+        # shard finishes first, {"old_shards": S, "max_pass": [per filelist], "tasks": [[old shard, position], ...]}.
+        self.tail = tail
         self.shard = shard
         self.num_shards = num_shards
         self.seed = seed
@@ -515,9 +621,53 @@ class ShardStream:
                         f"(the other filelists go on); skips so far: {format_skips(self.skips)}")
         self._used[list_index] = False
 
+    def tail_groups(self, list_index: int) -> List[Tuple[int, int, int, List[Unit], int, int]]:
+        """The groups of units left to read of the old shards this shard took over at a layout
+        change, in order: (pass, old shard, its group index, units, first window, records of that
+        window already read). For each old shard: the rest of its pass from its saved cursor, then
+        its whole passes up to the highest pass any old shard had reached (so every pass up to that
+        one is read exactly once, in the old layout; later passes use the new one)."""
+        old_shards = int(self.tail["old_shards"])
+        units = make_units(self.entries[list_index].parts, old_shards)
+        groups = []
+        for old_shard, position in self.tail["tasks"]:
+            start = position[1 + CURSOR_FIELDS * list_index : 1 + CURSOR_FIELDS * (list_index + 1)]
+            for pass_index in range(int(start[0]), int(self.tail["max_pass"][list_index]) + 1):
+                mine = shard_units(units, old_shards, int(old_shard), self.seed, list_index, pass_index)
+                first = int(start[1]) if pass_index == start[0] else 0
+                for g in range(first, -(-len(mine) // self.parts_per_window)):
+                    at_cursor = pass_index == start[0] and g == start[1]
+                    groups.append((pass_index, int(old_shard), g, mine[g * self.parts_per_window : (g + 1) * self.parts_per_window],
+                                   int(start[2]) if at_cursor else 0, int(start[3]) if at_cursor else 0))
+        return groups
+
+    def tail_stream(self, list_index: int) -> Iterator[RawRecord]:
+        """The old shards' records left to read (tail_groups), each window shuffled as its old shard
+        did, so the records it had yielded are exactly the first ones of its window's order. The
+        cursor is (TAIL_PASS, group of tail_groups, window, records of the window yielded); a shard
+        that has not entered its tail has group -1."""
+        cursor = self.cursor(list_index)
+        groups = self.tail_groups(list_index)
+        if cursor[1] < 0 and groups:
+            cursor[1:] = (0, groups[0][4], groups[0][5])
+        for t in range(max(0, int(cursor[1])), len(groups)):
+            pass_index, old_shard, g, units, _, _ = groups[t]
+            for w, window in enumerate(group_windows(units, self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
+                order = np.random.default_rng([self.seed, list_index, pass_index, old_shard, g, w]).permutation(len(window))
+                for k in range(int(cursor[3]), len(order)):
+                    part, line_no, raw = window[order[k]]
+                    cursor[1:] = (t, w, k + 1)
+                    yield RawRecord(part, line_no, raw, pass_index, list_index)
+                cursor[2:] = (w + 1, 0)
+            if t + 1 < len(groups):
+                cursor[1:] = (t + 1, groups[t + 1][4], groups[t + 1][5])
+        cursor[:] = (int(self.tail["max_pass"][list_index]) + 1, 0, 0, 0)  # the new layout from the next pass on
+
     def list_stream(self, list_index: int) -> Iterator[RawRecord]:
         """One filelist's endless stream for this shard, starting at its saved cursor."""
         cursor = self.cursor(list_index)  # a view: advancing it advances self.state
+        if cursor[0] == TAIL_PASS:
+            yield from self.tail_stream(list_index)
         while True:
             pass_index = int(cursor[0])
             units = shard_units(self.units[list_index], self.num_shards, self.shard, self.seed, list_index, pass_index)
@@ -544,23 +694,37 @@ class ShardStream:
     def __iter__(self) -> Iterator[RawRecord]:
         """Interleave the filelists' streams, drawing a filelist by weight (draw k is seeded by k)."""
         streams = [self.list_stream(i) for i in range(len(self.entries))]
-        alive = list(range(len(streams)))
-        while alive:
-            if len(alive) == 1:
-                i = alive[0]  # nothing to draw (a seeded generator per record costs ~2% of the worker's time)
-            else:
-                rng = np.random.default_rng([self.seed, self.shard, 2, int(self.state[0])])
-                if len(alive) == len(streams):
-                    i = min(int(np.searchsorted(self.cum_weights, rng.random(), side="right")), len(streams) - 1)
-                else:
-                    i = alive[int(rng.integers(len(alive)))]
+        ended = set()
+        while len(ended) < len(streams):
+            i = self._draw(ended)
             try:
                 rec = next(streams[i])
             except StopIteration:
-                alive.remove(i)
+                ended.add(i)  # draw again (same k): the walk goes on past it
                 continue
             self.state[0] += 1
             yield rec
+
+    def _draw(self, ended: set) -> int:
+        """The filelist of draw k = state[0]: the first not-ended one in a weighted order without
+        replacement seeded by k (its first pick is today's searchsorted draw). Once filelists have
+        ended (a --passes limit, or barren ones), the others keep their mutual ratio, 8:1 stays 8:1:
+        the first of the rest in such an order is drawn by their weights alone. A filelist found
+        ended only when drawn (a resumed stream learns it late) leaves the pick as it was: the walk
+        passes over it whether it was known ended or not, so the draws stay a function of the position."""
+        alive = [i for i in range(len(self.entries)) if i not in ended]
+        if len(alive) == 1:
+            return alive[0]  # nothing to draw (a seeded generator per record costs ~2% of the worker's time)
+        rng = np.random.default_rng([self.seed, self.shard, 2, int(self.state[0])])
+        candidates = list(range(len(self.entries)))
+        cum = self.cum_weights
+        while True:
+            pick = candidates[min(int(np.searchsorted(cum, rng.random(), side="right")), len(candidates) - 1)]
+            if pick not in ended:
+                return pick
+            candidates.remove(pick)
+            weights = np.array([self.entries[c].weight for c in candidates], dtype=np.float64)
+            cum = np.cumsum(weights / weights.sum())
 
 
 def current_rank_and_world() -> Tuple[int, int]:
@@ -607,8 +771,9 @@ class TextImageStream:
         bucket_step: int = 64,
         batch_size: int = 1,
         latent_cache=None,
+        allow_missing_parts: bool = False,
     ):
-        self.entries = read_file_list(file_list)
+        self.entries = read_file_list(file_list, allow_missing_parts)
         self.resolution = resolution
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -621,41 +786,128 @@ class TextImageStream:
         # With aspect-ratio buckets (ldm.buckets) each worker yields whole batches of one bucket,
         # so the DataLoader must not batch again (`loader_batch_size`).
         self.buckets = make_buckets(resolution, bucket_step, max_aspect_ratio) if aspect_ratio_buckets else None
+        self.bucket_step = bucket_step
         self.batch_size = batch_size
         # ldm.cache_latents.LatentCache: samples carry the cached moments ("latent_moments") instead of pixels
         self.latent_cache = latent_cache
         if rank is None or world_size is None:
             rank, world_size = current_rank_and_world()
         self.rank, self.world_size = rank, world_size
+        if self.rank == 0:
+            log(f"{file_list}: {describe_parts(self.entries)}")
         self.resume_state = None
+        # The pass every shard starts at when it has no saved position: 0 for a new run; after the
+        # highest pass a checkpoint reached when a resumed run starts a new pass (start_new_pass).
+        self.first_pass = 0
         if tokenizer is not None:
             from ldm.tokenizer import CaptionEncoder
 
             self.encode_caption = CaptionEncoder(tokenizer, max_length)
 
+    def order_settings(self) -> Dict[str, object]:
+        """The flags that define the stream's order, by flag name. Without buckets, --max_aspect_ratio
+        only decides which records are skipped (a skipped record still advances the position)."""
+        settings = {"seed": self.seed, "shuffle_buffer": self.buffer_size, "parts_per_window": self.parts_per_window,
+                    "resolution": self.resolution, "aspect_ratio_buckets": bool(self.buckets)}
+        if self.buckets:  # the bucket set decides which records are batched together
+            settings.update(bucket_step=self.bucket_step, max_aspect_ratio=self.max_aspect_ratio)
+        return settings
+
+    def fingerprint(self) -> dict:
+        """The order fingerprint checkpoints save (see order_fingerprint); rank 0's names every part."""
+        return order_fingerprint(self.entries, self.order_settings(), listing=self.rank == 0)
+
     def loader_batch_size(self, batch_size: int):
         """batch_size for paddle.io.DataLoader: None when the stream yields whole (bucketed) batches."""
         return None if self.buckets else batch_size
 
-    def resume(self, state: dict, num_workers: int) -> None:
+    def resume(self, state: dict, num_workers: int, all_ranks: Optional[List[dict]] = None) -> None:
         """Continue from a position saved by the trainer (see ldm.trainer.StreamProgress).
 
-        The position is per (rank, worker) shard, so it only means the same thing with the
-        same world size and number of dataloader workers; with others, start the stream afresh.
-        """
+        The position is per (rank, worker) shard. With another world size or number of dataloader
+        workers (elastic resume), `all_ranks` holds every old rank's saved state, in rank order, and
+        the position is carried over to this layout (relayout)."""
         if state["world_size"] != self.world_size or state["num_workers"] != max(1, num_workers):
-            raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes x {state['num_workers']} dataloader workers, "
-                             f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start the data stream afresh")
+            if all_ranks is None:
+                raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes x {state['num_workers']} dataloader workers, "
+                                 f"this run has {self.world_size} x {max(1, num_workers)}; use the same, or pass --ignore_data_skip to start a new pass")
+            state = self.relayout(all_ranks, max(1, num_workers))
         self.resume_state = state
+        self.first_pass = int(state.get("first_pass", 0))  # for a worker that had not yielded yet
+
+    def relayout(self, old_ranks: List[dict], num_workers: int) -> dict:
+        """This rank's resume state in a new layout (world size x workers) from every old rank's.
+
+        Each old shard j (of S) is dealt to new shard j mod S'; a new shard first finishes the
+        passes of the old shards it was dealt (ShardStream.tail_stream: the rest of each one's
+        pass from its saved cursor, then its whole passes up to the highest pass any old shard had
+        reached, in the old layout), then reads the next passes in the new layout. So every record
+        of every pass is read once. Cost: each old shard re-reads (decompresses, does not decode)
+        up to the windows it had started, as any resume; at 32 x 8 -> 24 x 8 GPUs x workers, 64 of
+        the 192 new shards finish two old shards' passes, the others one: they begin the next pass
+        up to one old shard's share of a pass (1/256) apart, and nothing waits on that (the stream
+        is endless). Old skip counts and bucket queues go with their old shard."""
+        old_world, old_workers = int(old_ranks[0]["world_size"]), int(old_ranks[0]["num_workers"])
+        for state in old_ranks:
+            if state.get("elastic"):
+                was = state["elastic"]["from"]
+                raise ValueError(f"the checkpoint's data position is itself still finishing the passes of an earlier layout change "
+                                 f"({was[0]} x {was[1]} -> {old_world} x {old_workers} processes x dataloader workers); resume it on "
+                                 f"{old_world} x {old_workers} until a later checkpoint, or pass --ignore_data_skip to start a new pass")
+        lists = len(self.entries)
+        old = []  # every old shard's saved worker state, shard j = rank * workers + worker
+        for state in old_ranks:
+            first = int(state.get("first_pass", 0))
+            for w in range(old_workers):
+                saved = state["workers"].get(str(w)) or {"position": [0] + [first, 0, 0, 0] * lists, "skips": []}
+                if len(saved["position"]) != 1 + CURSOR_FIELDS * lists:
+                    raise ValueError(f"saved data position has {len(saved['position'])} numbers, expected {1 + CURSOR_FIELDS * lists}: the --file_list changed since the checkpoint")
+                old.append(saved)
+        max_pass = [max(int(v["position"][1 + CURSOR_FIELDS * l]) for v in old) for l in range(lists)]
+        num_shards = self.world_size * num_workers
+        workers, tasks = {}, {}
+        for w in range(num_workers):
+            mine = list(range(self.rank * num_workers + w, len(old), num_shards))  # old shards j = this shard mod S'
+            skips = np.zeros(len(SKIP_REASONS), "int64")
+            for j in mine:
+                vector = np.asarray(old[j]["skips"], "int64")[: len(SKIP_REASONS)]
+                skips[: len(vector)] += vector
+            position = [0]
+            for l in range(lists):
+                position += [TAIL_PASS, -1, 0, 0] if mine else [max_pass[l] + 1, 0, 0, 0]
+            workers[str(w)] = {"position": position, "skips": skips.tolist()}
+            carry = [c for j in mine for c in old[j].get("carry", [])]
+            if carry:
+                workers[str(w)]["carry"] = carry
+            if mine:
+                tasks[str(w)] = [[j, old[j]["position"]] for j in mine]
+        log(f"rank {self.rank}: data position carried over from {old_world} x {old_workers} to {self.world_size} x {num_workers} processes x workers; "
+            f"the old shards' passes (up to pass {max(max_pass)}) are finished first, then the new layout reads on")
+        return {"world_size": self.world_size, "num_workers": num_workers, "batches": 0, "workers": workers,
+                "elastic": {"from": [old_world, old_workers], "old_shards": len(old), "max_pass": max_pass, "tasks": tasks}}
+
+    def start_new_pass(self, pass_index: int) -> None:
+        """Start every shard afresh at `pass_index` (--ignore_data_skip, a resolution stage): the pass
+        index seeds the part order and every window's shuffle, so a new pass is a new order, never a
+        replay of pass 0's first records."""
+        self.resume_state = None
+        self.first_pass = pass_index
 
     def shard_stream(self, worker: int, num_workers: int, passes: Optional[int] = None) -> ShardStream:
         shard = self.rank * num_workers + worker
         state, skips, carry = None, None, []
+        if self.first_pass:
+            state = np.zeros(1 + CURSOR_FIELDS * len(self.entries), dtype="int64")
+            state[1::CURSOR_FIELDS] = self.first_pass
+        tail = None
         if self.resume_state is not None:
             saved = self.resume_state["workers"].get(str(worker))
             if saved is not None:
                 state, skips, carry = saved["position"], saved["skips"], saved.get("carry", [])
-        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes)
+            elastic = self.resume_state.get("elastic")
+            if elastic and str(worker) in elastic["tasks"]:
+                tail = {"old_shards": elastic["old_shards"], "max_pass": elastic["max_pass"], "tasks": elastic["tasks"][str(worker)]}
+        stream = ShardStream(self.entries, shard, self.world_size * num_workers, self.seed, self.buffer_size, state, self.parts_per_window, passes, tail)
         stream.skips.where = f"rank {self.rank} worker {worker}"
         stream.carry = carry  # bucketed records read but not yet yielded (ldm.buckets)
         if skips is not None:
@@ -762,19 +1014,31 @@ class TextImageStream:
         batcher = BucketBatcher(self.batch_size)
         # A resumed worker first refills its queues with the records it had read but not yielded
         # (a smaller --per_device_train_batch_size than before may already fill some).
-        lines = read_lines((part, line) for part, line, _ in stream.carry)
-        for part, line, draw in stream.carry:
-            caption, data, reason = parse_line(lines.get((part, line), b""))
-            if reason is None:
-                rec = {"part": part, "line": line, "caption": caption, "draw": draw,
-                       "pixel_values": decode_image(data, self.resolution, self.max_aspect_ratio, self.buckets)}
-                full = batcher.add(self._sample(rec, stream, worker), [part, line, draw])
-                if full is not None:
-                    yield self._batch(full, batcher.carry())
+        for rec in self._carried_records(stream):
+            full = batcher.add(self._sample(rec, stream, worker), [rec["part"], rec["line"], rec["draw"]])
+            if full is not None:
+                yield self._batch(full, batcher.carry())
         for rec in self.records(stream):
             full = batcher.add(self._sample(rec, stream, worker), [rec["part"], rec["line"], rec["draw"]])
             if full is not None:
                 yield self._batch(full, batcher.carry())
+
+    def _carried_records(self, stream: ShardStream) -> Iterator[dict]:
+        """The records a resumed bucketed worker had read but not yielded (its saved carry), decoded
+        anew through the same guard as any record: one that no longer decodes (a part since
+        deleted or cut, cached moments gone, ...) is skipped and counted, never a crash that
+        would kill the worker again on every re-run."""
+        lines = read_lines((part, line) for part, line, _ in stream.carry)
+        for part, line, draw in stream.carry:
+            raw = lines.get((part, line))
+            try:
+                if raw is None:
+                    raise Skip("missing_part" if part_size(part) < 0 else "truncated_part", f"line {line} can no longer be read")
+                caption, key, value = self.decode(raw)
+            except Skip as e:
+                stream.skips.skip(e.reason, part, line, f"{e} (a record the checkpoint held in its bucket queues)")
+                continue
+            yield {"part": part, "line": line, "caption": caption, "draw": draw, key: value}
 
     @staticmethod
     def _batch(samples: List[dict], carry: list) -> dict:
@@ -793,16 +1057,23 @@ class StreamProgress:
     `fatal` is None, or the one-line reason this rank's data cannot go on (a barren shard).
     """
 
-    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None, resolution: Optional[int] = None):
+    def __init__(self, world_size: int, num_workers: int, resumed: Optional[dict] = None, resolution: Optional[int] = None,
+                 stream: Optional["TextImageStream"] = None):
         self.world_size = world_size
+        # From the stream: what a resume checks the order against (TextImageStream.fingerprint), and
+        # the pass a worker that has not yielded yet starts at (TextImageStream.start_new_pass).
+        self.fingerprint = stream.fingerprint() if stream is not None else None
+        self.first_pass = stream.first_pass if stream is not None else 0
         self.num_workers = max(1, num_workers)
         self.resolution = resolution
         self.batches = 0
         self.workers: Dict[int, dict] = {}
         self.fatal: Optional[str] = None
+        self.elastic = None  # the old shards' passes still to finish after a layout change (TextImageStream.relayout)
         if resumed:
             self.batches = int(resumed["batches"])
             self.workers = {int(w): v for w, v in resumed["workers"].items()}
+            self.elastic = resumed.get("elastic")
 
     def update(self, batch: dict) -> None:
         """Take the stream's bookkeeping out of a collated batch (so the model never sees it)."""
@@ -820,8 +1091,15 @@ class StreamProgress:
                               f"record in its share of --file_list: {explain_barren(skips_from_vector(state['skips']), resolution)}")
 
     def state_dict(self) -> dict:
-        return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
-                "workers": {str(w): v for w, v in sorted(self.workers.items())}}
+        state = {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
+                 "workers": {str(w): v for w, v in sorted(self.workers.items())}}
+        if self.fingerprint is not None:
+            state["data_order"] = self.fingerprint
+        if self.first_pass:
+            state["first_pass"] = self.first_pass
+        if self.elastic and any(p == TAIL_PASS for v in self.workers.values() for p in v["position"][1::CURSOR_FIELDS]):
+            state["elastic"] = self.elastic  # dropped once every worker of this rank has finished its old shards' passes
+        return state
 
     def skip_totals(self) -> Dict[str, int]:
         """Skip counts summed over this rank's workers and then over all ranks."""
@@ -891,11 +1169,12 @@ def as_paddle_dataset(stream: TextImageStream):
 
 
 def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=sys.stdout,
-                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None, aspect_ratio_buckets=False, bucket_step=64):
+                 parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None, aspect_ratio_buckets=False, bucket_step=64,
+                 allow_missing_parts=False):
     """Print the pass-0 records of each of the rank's workers; return the number read and summed skip counts."""
     stream = TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size,
                              parts_per_window=parts_per_window, max_aspect_ratio=max_aspect_ratio,
-                             aspect_ratio_buckets=aspect_ratio_buckets, bucket_step=bucket_step)
+                             aspect_ratio_buckets=aspect_ratio_buckets, bucket_step=bucket_step, allow_missing_parts=allow_missing_parts)
     total = SkipCounter()
     read = 0
     for worker in range(num_workers):
@@ -921,6 +1200,7 @@ def main(argv=None):
     parser.add_argument("--max_aspect_ratio", type=float, default=None, help="Skip images whose longer side is over this many times the shorter; unset keeps all.")
     parser.add_argument("--aspect_ratio_buckets", action="store_true", help="Crop each image to the aspect-ratio bucket nearest its own (width/height report the bucket).")
     parser.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (the autoencoder factor x the UNet's downsampling: 64 for ldm_32l).")
+    parser.add_argument("--allow_missing_parts", action="store_true", help="Go on when a filelist has no existing part (as the training scripts' flag).")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")
@@ -932,7 +1212,8 @@ def main(argv=None):
     try:
         read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed,
                                    args.buffer_size, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio,
-                                   aspect_ratio_buckets=args.aspect_ratio_buckets, bucket_step=args.bucket_step)
+                                   aspect_ratio_buckets=args.aspect_ratio_buckets, bucket_step=args.bucket_step,
+                                   allow_missing_parts=args.allow_missing_parts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -627,7 +627,7 @@ def create_stream(model: "LatentDiffusionModel", model_args, data_args, seed: in
     return TextImageStream(data_args.file_list, data_args.resolution, model.tokenizer, model.tokenizer.model_max_length,
                            model_args.caption_dropout, data_args.shuffle_buffer, seed, parts_per_window=data_args.parts_per_window,
                            max_aspect_ratio=data_args.max_aspect_ratio, aspect_ratio_buckets=data_args.aspect_ratio_buckets,
-                           bucket_step=bucket_step, batch_size=batch_size,
+                           bucket_step=bucket_step, batch_size=batch_size, allow_missing_parts=data_args.allow_missing_parts,
                            latent_cache=latent_cache_for_run(data_args.file_list, model_args, data_args.resolution, data_args.aspect_ratio_buckets))
 
 

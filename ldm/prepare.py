@@ -158,9 +158,17 @@ def _ext(path: str) -> str:
 
 
 def _walk(root: str) -> List[str]:
-    """Every file under root, in sorted path order (os.walk's order is not stable)."""
-    found = []
-    for d, _, files in os.walk(root, followlinks=True):
+    """Every file under root, in sorted path order (os.walk's order is not stable). Symlinked
+    folders are followed, but each real folder is read once: a link to a parent folder (a loop)
+    would otherwise repeat every image ~40 times, until the OS refuses the path (ELOOP)."""
+    found, seen = [], set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []  # a folder reached again through a link: neither its files nor its subfolders
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # the first path to a folder reached twice is the same every run
         found += [os.path.join(d, f) for f in files]
     return sorted(found)
 

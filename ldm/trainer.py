@@ -33,8 +33,8 @@ from paddlenlp.trainer.utils.helper import broadcast_dp_optimizer
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file
 
-from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, checkpoint_weights, data_position_file, data_position_to_resume,
-                            load_optimizer_state, load_rng_state, load_small_state, load_weights, require_good_checkpoint, save_atomically,
+from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, checkpoint_weights, data_position_file, load_optimizer_state,
+                            load_rng_state, load_small_state, load_weights, require_good_checkpoint, resume_data_stream, save_atomically,
                             set_weights, write_args, write_weights)
 from ldm.checkpoint_io import encode, restore_stock_rng, rng_to_json, write_file, write_json, write_state
 from ldm.data import StreamProgress, init_worker
@@ -73,12 +73,11 @@ class StreamTrainer(Trainer):
         # batches: tell the Trainer not to skip any (ignore_data_skip), and restore the
         # RNG state ourselves before the first step (the Trainer only does so when it skips).
         stream = self.train_dataset.stream
-        saved = data_position_to_resume(resume_from, rank, stream.resolution, self.args.ignore_data_skip, bool(stream.buckets)) if resume_from else None
+        saved = resume_data_stream(stream, resume_from, rank, self.args.dataloader_num_workers, self.args.ignore_data_skip) if resume_from else None
         if saved is not None:
-            stream.resume(saved, self.args.dataloader_num_workers)
             logger.info(f"Data stream resumes at the position saved in {data_position_file(resume_from, rank)}")
         self.args.ignore_data_skip = True
-        self.progress = StreamProgress(self.train_dataset.stream.world_size, self.args.dataloader_num_workers, saved)
+        self.progress = StreamProgress(stream.world_size, self.args.dataloader_num_workers, saved, stream=stream)
         self._rng_checkpoint = resume_from
         self.agreement = StepAgreement(getattr(self.args, "max_nonfinite_steps", 10))
         self.preempted = False
