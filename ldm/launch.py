@@ -12,7 +12,8 @@ Here SIGTERM is passed on once to each rank (the training scripts finish the ste
 `Preempted: saved checkpoint-N` and exit 0; their data workers ignore SIGTERM) and the launcher
 goes on watching, with no deadline of its own: the scheduler's own grace (SLURM KillWait,
 Kubernetes terminationGracePeriodSeconds) bounds the wait. It then exits as the ranks did: 0
-when every rank saved. A second SIGTERM or SIGINT (Ctrl-C) falls back to Paddle's handler: stop now.
+when every rank saved. A second SIGTERM, or SIGINT (Ctrl-C), gets Paddle's own handling (SIGKILL
+after 30 s, exit 15).
 """
 import signal
 import sys
@@ -24,7 +25,7 @@ def forward_sigterm_to_ranks(controller):
 
     def on_sigterm(signum, frame):
         controller.ctx.logger.info("SIGTERM: passed on to every rank, which saves a checkpoint and exits; waiting for them "
-                                   "(a second SIGTERM stops them at once)")
+                                   "(a second SIGTERM: SIGKILL after 30 s)")
         for container in controller.pod.containers:
             process = container._proc._proc if container._proc is not None else None  # paddle 3.0: Container -> ProcessContext -> Popen
             if process is not None and process.poll() is None:
