@@ -63,6 +63,8 @@ def descendants(pid):
     """Every process started under `pid`, from /proc."""
     children = {}
     for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -129,17 +131,26 @@ def baselines(shapes, vae_dir, tmp_path_factory):
     return done
 
 
-@pytest.mark.parametrize("kind,target,launcher", [("trainer", "group", "ldm.launch"), ("no_trainer", "launcher", "ldm.launch"),
+# Targets: "launcher" (the launcher's pid alone), "group" (os.killpg of the launcher's process
+# group: Paddle's launcher starts each rank in a session of its own, so that is the launcher too,
+# and Paddle's launcher then signals each rank's group, data workers included), "all" (every
+# process of the job, data workers included, as SLURM signals a job step's processes).
+@pytest.mark.parametrize("kind,target,launcher", [("trainer", "all", "ldm.launch"), ("no_trainer", "launcher", "ldm.launch"),
                                                    ("trainer", "group", "paddle.distributed.launch")])
 def test_sigterm_under_the_launcher_saves_every_rank_and_resumes_exactly(shapes, vae_dir, tmp_path, baselines, kind, target, launcher):
     make = SCRIPTS[kind]
     out, logs = tmp_path / "out", tmp_path / "logs"
     proc = start_launcher(make(shapes, vae_dir, out), logs, launcher)
     wait_for_training(proc, logs)
-    if target == "group":
-        os.killpg(proc.pid, signal.SIGTERM)  # what SLURM and Kubernetes do
-    else:
+    if target == "launcher":
         os.kill(proc.pid, signal.SIGTERM)
+    elif target == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        job = [proc.pid, *descendants(proc.pid)]
+        assert len(job) == 5, job  # the launcher, two ranks, a data worker each
+        for pid in job:
+            os.kill(pid, signal.SIGTERM)
     output = communicate(proc, 300)
     rank_logs = [worker_log(logs, r) for r in (0, 1)]
     print(output[-1500:])
