@@ -1,9 +1,10 @@
 # Sourced by run_multi_trainer.sh and run_multi_no_trainer.sh: sets LAUNCHER, the
-# paddle.distributed.launch command for this node, from the environment they document.
+# launch command for this node (ldm.launch: paddle.distributed.launch, same flags, with SIGTERM
+# passed on to the ranks; ldm/launch.py), from the environment they document.
 if [ -n "${NPROC_PER_NODE:-}" ]; then
-    LAUNCHER="python -u -m paddle.distributed.launch --nproc_per_node ${NPROC_PER_NODE}"
+    LAUNCHER="python -u -m ldm.launch --nproc_per_node ${NPROC_PER_NODE}"
 else
-    LAUNCHER="python -u -m paddle.distributed.launch --gpus ${GPUS:-0,1,2,3,4,5,6,7}"
+    LAUNCHER="python -u -m ldm.launch --gpus ${GPUS:-0,1,2,3,4,5,6,7}"
 fi
 if [ "${NNODES:-1}" != 1 ]; then
     if [ -z "${NODE_RANK:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then

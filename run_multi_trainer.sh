@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The seed's multi-GPU command: run_single_trainer.sh under paddle.distributed.launch, on this
-# machine alone or as one node of several. Extra arguments are appended (and win), e.g.
+# The seed's multi-GPU command: run_single_trainer.sh under paddle.distributed.launch (through ldm.launch:
+# the same flags, but SIGTERM is passed on to the ranks, which save and exit 0, instead of being
+# SIGKILLed after 30 s with exit 15: ldm/launch.py), on this machine alone or as one node of several.
+# Extra arguments are appended (and win), e.g.
 #   GPUS=0,1 bash run_multi_trainer.sh --max_steps 100 --resolution 64
 # Environment (all optional; with none set this is the seed's command on GPUs 0-7 of one machine):
 #   GPUS=0,1,...       this node's devices (default 0,1,2,3,4,5,6,7)

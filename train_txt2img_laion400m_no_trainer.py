@@ -24,7 +24,7 @@ from ldm.flops import flops_per_training_image
 from ldm.logger import RunLogger
 from ldm.model import create_model, create_stream, decay_parameter_names
 from ldm.runtime import (StepAgreement, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup,
-                         preserved_rng, require_writable_dir, seed_rank_streams, set_cpu_threads)
+                         preserved_rng, require_writable_dir, seed_rank_streams, set_cpu_threads, skip_warning)
 from ldm.validation import Validator, fixed_log_batch
 
 
@@ -129,11 +129,13 @@ def main():
             fused_allreduce_gradients(model.trainable_parameters(), None)
 
         # The ranks agree on the step (skip it? stop after it?): the step's one host sync.
+        if scaler is None:  # (the loss scaler skips infinite gradients itself)
+            agreement.observe_gradients(model.trainable_parameters())
         verdict = agreement.finish_step(progress.fatal)
         # Optimizer step (dynamic loss scaling with --fp16), schedule, EMA:
         scaler_skipped = False
         if verdict.skip:
-            logger.warning(f"step {step + 1}: non-finite loss, skipping this optimizer step")
+            logger.warning(skip_warning(step + 1, verdict))
         elif scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -174,7 +176,9 @@ def main():
                 losses = validator.losses()
             vdl.scalars(losses, step)
             logger.info(f"step {step}: validation loss {losses['validation/loss']:.5f}")
-        if step % args.save_steps == 0 or step == args.max_train_steps or verdict.preempt:
+        # A skipped step changed no weight: its --save_steps checkpoint would only repeat the last one
+        # under a new number and rotate an older good one out. SIGTERM and the last step still save.
+        if (step % args.save_steps == 0 and not verdict.skip) or step == args.max_train_steps or verdict.preempt:
             try:
                 save_checkpoint(args.output_dir, step, model, optimizer, lr_scheduler, progress.state_dict(),
                                 {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(recipe_args), **dataclasses.asdict(args)},

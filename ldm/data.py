@@ -1132,12 +1132,61 @@ def pack_bookkeeping(sample: dict) -> dict:
 
 
 def init_worker(worker_id: int) -> None:
-    """`worker_init_fn` of the training DataLoaders: one intra-op thread per data worker. A worker
-    runs Pillow and numpy, not Paddle kernels; the thread pool it inherits from the training
-    process (ldm.runtime.set_cpu_threads) would only contend for the cores that process uses."""
+    """`worker_init_fn` of the training DataLoaders: SIGTERM from outside is ignored; one intra-op thread.
+
+    SIGTERM first: schedulers (SLURM, Kubernetes) and paddle.distributed.launch send it to the
+    whole process group, workers included, and a worker killed by it makes Paddle's SIGCHLD
+    handler raise `SystemError: DataLoader process ... is killed by signal: Terminated` in the
+    training process mid-step, before it can save. So only the training process decides
+    (ldm.runtime.Preemption: finish the step, save, exit 0); see `_sigterm_only_from_parent`.
+    Threads: a worker runs Pillow and numpy, not Paddle kernels; the thread pool it inherits from
+    the training process (ldm.runtime.set_cpu_threads) would only contend for its cores."""
+    _sigterm_only_from_parent()
     import paddle
 
     paddle.base.core.set_num_threads(1)
+
+
+def _sigterm_only_from_parent() -> None:
+    """In a data worker: ignore SIGTERM; the training process ends its workers with SIGINT at exit.
+
+    Ignoring SIGTERM alone would hang a finished run: at exit, Python's multiprocessing ends the
+    daemonic workers still running with SIGTERM and then waits for them (seen with the Trainer
+    script, whose DataLoader iterator outlives train()). So the training process, before that,
+    sends them SIGINT (`end_workers_at_exit`), which Paddle's worker loop takes as its cue to
+    clean up its shared memory and return. (Reading the sender of each SIGTERM with sigwaitinfo
+    cannot work: Paddle starts a thread in the worker before this runs, and a signal that thread
+    does not block is delivered to it.) SIGKILL still ends a worker.
+    When the training process dies without that (SIGKILL, e.g. the launcher's after its grace),
+    Paddle's ParentWatchDog is not enough: a worker blocked writing a batch nobody reads stays
+    forever (seen), where before the scheduler's SIGTERM would have ended it. So on Linux the
+    kernel is asked to SIGKILL the worker when its parent dies (prctl PR_SET_PDEATHSIG).
+    """
+    import ctypes
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before the request took effect
+            os._exit(1)
+
+
+def end_workers_at_exit() -> None:
+    """In the training process: at exit, end the data workers still running with SIGINT (see
+    `_sigterm_only_from_parent`). atexit runs the newest registration first, so this runs before
+    multiprocessing's own exit hook, which then only waits for them."""
+    import atexit
+    import multiprocessing
+    import signal
+
+    def end_workers():
+        for worker in multiprocessing.active_children():
+            if worker.daemon:
+                os.kill(worker.pid, signal.SIGINT)
+
+    atexit.register(end_workers)
 
 
 def as_paddle_dataset(stream: TextImageStream):

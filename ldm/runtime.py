@@ -51,7 +51,11 @@ def exit_on_bad_input(error: Exception) -> None:
 
 def checkpoint_to_resume(training_args) -> Optional[str]:
     """--resume_from_checkpoint if given; else, unless --overwrite_output_dir, the newest
-    complete `checkpoint-N` in --output_dir, so re-running the same command continues the run."""
+    complete `checkpoint-N` in --output_dir, so re-running the same command continues the run.
+
+    Resuming an older checkpoint is a rollback: the later checkpoints in --output_dir belong to the
+    abandoned branch, and left in place the next plain re-run would resume them, not the new
+    branch. They are moved aside (`move_abandoned_checkpoints`), never deleted."""
     from paddlenlp.utils.log import logger
 
     from ldm.checkpoint import latest_checkpoint
@@ -62,8 +66,48 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     if resume:
         if not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume!r} is not a directory")
+        if training_args.resume_from_checkpoint is not None:
+            move_abandoned_checkpoints(training_args.output_dir, resume)
         logger.info(f"Resuming from {resume}")
     return resume
+
+
+def move_abandoned_checkpoints(output_dir: str, resume: str) -> list:
+    """Move the checkpoints of `output_dir` later than `resume` to `output_dir/abandoned/checkpoint-N-<UTC time>`.
+
+    Rank 0 moves; the other ranks wait for it in a one-number all-reduce (which also tells them
+    whether it failed), so every rank then sees the same checkpoints. Returns the new paths.
+    """
+    import time
+
+    import paddle.distributed as dist
+    from paddlenlp.utils.log import logger
+
+    from ldm.checkpoint import CHECKPOINT_RE, complete_checkpoints
+
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume)))
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not named checkpoint-N; cannot tell which checkpoints come after it")
+    step = int(match.group(1))
+    moved, error = [], None
+    if max(0, dist.get_rank()) == 0:
+        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        later = [path for path in complete_checkpoints(output_dir) if int(CHECKPOINT_RE.match(os.path.basename(path)).group(1)) > step]
+        try:
+            for path in later:
+                target = os.path.join(output_dir, "abandoned", f"{os.path.basename(path)}-{when}")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(path, target)
+                moved.append(target)
+        except OSError as e:
+            error = e
+        if moved:
+            logger.info(f"Rolled back to {os.path.basename(os.path.normpath(resume))}: moved {len(moved)} later checkpoint(s) of the "
+                        f"abandoned branch to {os.path.join(output_dir, 'abandoned')} ({', '.join(os.path.basename(m) for m in moved)})")
+    if any_rank(error is not None):
+        raise ValueError(f"could not move the checkpoints after {resume} aside in {output_dir}: "
+                         f"{error.strerror if error is not None else 'rank 0 failed (its log says why)'}; fix the directory and re-run")
+    return moved
 
 
 def log_startup(model, per_device_batch: int, accumulation: int, world_size: int, num_workers: int, threads: int, stream=None) -> None:
@@ -130,13 +174,24 @@ def preserved_rng():
 
 class Preemption:
     """SIGTERM (a cluster's preemption notice) asks the loop to finish its step, save a
-    checkpoint and exit 0; re-running the command continues from that checkpoint."""
+    checkpoint and exit 0; re-running the command continues from that checkpoint.
+
+    Schedulers send SIGTERM to every process of the job, and paddle.distributed.launch sends it
+    to each rank's process group three times in 0.6 s: the handler only sets a flag, so repeats
+    are harmless, and the data workers ignore it (ldm.data.init_worker) so that they are alive
+    for the rest of the step. The launcher SIGKILLs a rank still running 30 s after its SIGTERM
+    (paddle/distributed/launch: Pod.stop(timeout=30)): the rest of the step and the save must fit
+    in that (README "Interruptions" says what to do where they do not).
+    """
 
     def __init__(self):
         import signal
 
+        from ldm.data import end_workers_at_exit
+
         self.requested = False
         signal.signal(signal.SIGTERM, self._on_signal)
+        end_workers_at_exit()  # the workers ignore SIGTERM, so this process ends them at exit
 
     def _on_signal(self, signum, frame):
         if not self.requested:
@@ -157,18 +212,22 @@ def any_rank(flag: bool) -> bool:
 
 @dataclass
 class StepVerdict:
-    skip: bool  # some rank had a non-finite loss in this step: nobody updates
+    skip: bool  # some rank had a non-finite loss or gradient norm in this step: nobody updates
     preempt: bool  # some rank got SIGTERM: everybody saves and stops after this step
+    reason: str = ""  # why the step is skipped, for the warning: "loss" or "gradients"
 
 
 class StepAgreement:
     """What every rank must agree on at each optimizer step, in one all-reduce and one host read.
 
     On a GPU every read of a device value (`float(loss)`, `.numpy()`) waits for the queue to
-    drain. So the non-finite check accumulates on the device over the micro-batches, and at the
-    end of the step one small vector [non-finite, SIGTERM, data stream dead] is max-reduced
-    over the ranks and read once: the step's only host sync. Every rank therefore skips the same
-    steps, stops at the same step, and no rank leaves the others waiting in a collective.
+    drain. So the non-finite checks accumulate on the device: the loss over the micro-batches,
+    the gradients' global norm once their accumulation is complete (a finite loss can have an
+    infinite gradient, e.g. sqrt at 0, and clipping by an infinite norm writes NaN into every
+    weight). At the end of the step one small vector [non-finite loss, non-finite gradient norm,
+    SIGTERM, data stream dead] is max-reduced over the ranks and read once: the step's only host
+    sync. Every rank therefore skips the same steps, stops at the same step, and no rank leaves
+    the others waiting in a collective.
     """
 
     def __init__(self, max_nonfinite: int):
@@ -177,29 +236,40 @@ class StepAgreement:
         self.consecutive = 0
         self.skipped = 0
         self._nonfinite = None
+        self._nonfinite_grad = None
 
     def observe(self, loss) -> None:
         """Note a micro-batch's loss (no host sync)."""
         bad = paddle.logical_not(paddle.isfinite(loss.detach().astype("float32"))).astype("float32").reshape([1])
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
 
+    def observe_gradients(self, parameters) -> None:
+        """Note whether the accumulated gradients' global norm is finite (no host sync). Call after
+        the step's last backward (and gradient all-reduce, if any) and before the optimizer step.
+        Not with a loss scaler (--fp16): it finds the infinite gradients itself and shrinks the scale."""
+        squares = [paddle.sum(paddle.square(p.grad.astype("float32"))) for p in parameters if p.grad is not None]
+        if squares:
+            self._nonfinite_grad = paddle.logical_not(paddle.isfinite(paddle.add_n(squares))).astype("float32").reshape([1])
+
     def finish_step(self, data_error: Optional[str] = None) -> StepVerdict:
         """Agree on the step across ranks; stop every rank (exit 1, one line) if it must not go on."""
         import paddle.distributed as dist
 
         nonfinite = self._nonfinite if self._nonfinite is not None else paddle.zeros([1], "float32")
-        self._nonfinite = None
+        nonfinite_grad = self._nonfinite_grad if self._nonfinite_grad is not None else paddle.zeros([1], "float32")
+        self._nonfinite, self._nonfinite_grad = None, None
         rank = max(0, dist.get_rank())
         # The data flag carries rank + 1, so after the max every rank knows which one to blame.
         local = paddle.to_tensor([float(self.preemption.requested), float(rank + 1) if data_error else 0.0], dtype="float32")
-        flags = paddle.concat([nonfinite, local])
+        flags = paddle.concat([nonfinite, nonfinite_grad, local])
         if dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, preempt, dead_rank = flags.numpy().tolist()  # the one host sync of the step
+        nonfinite, nonfinite_grad, preempt, dead_rank = flags.numpy().tolist()  # the one host sync of the step
         if dead_rank:
             raise SystemExit(f"error: {data_error}" if data_error else
                              f"error: rank {int(dead_rank) - 1}'s data stream stopped the run (its log says why); stopping every rank")
-        verdict = StepVerdict(skip=nonfinite > 0, preempt=preempt > 0)
+        verdict = StepVerdict(skip=nonfinite > 0 or nonfinite_grad > 0, preempt=preempt > 0,
+                              reason="loss" if nonfinite > 0 else "gradients" if nonfinite_grad > 0 else "")
         self._count(verdict.skip)
         return verdict
 
@@ -212,6 +282,12 @@ class StepAgreement:
         if self.consecutive >= self.max_nonfinite:
             # SystemExit prints the one-line message and exits 1, with no traceback to read past.
             raise SystemExit(
-                f"error: {self.consecutive} optimizer steps in a row had a non-finite loss; stopping. The last checkpoint in "
+                f"error: {self.consecutive} optimizer steps in a row had a non-finite loss or gradient norm; stopping. The last checkpoint in "
                 "--output_dir is intact: lower --learning_rate, set --max_grad_norm, or check the data, then re-run"
             )
+
+
+def skip_warning(step: int, verdict: StepVerdict) -> str:
+    """The warning for a skipped step (both loops)."""
+    what = "non-finite loss" if verdict.reason == "loss" else "non-finite gradient norm (the loss was finite)"
+    return f"step {step}: {what}, skipping this optimizer step (no update; a --save_steps checkpoint due now is not written)"

@@ -40,7 +40,7 @@ from ldm.checkpoint_io import encode, restore_stock_rng, rng_to_json, write_file
 from ldm.data import StreamProgress, init_worker
 from ldm.ema import EMA, maybe_applied
 from ldm.logger import RunLogger
-from ldm.runtime import StepAgreement, exit_on_bad_input, preserved_rng, seed_rank_streams
+from ldm.runtime import StepAgreement, exit_on_bad_input, preserved_rng, seed_rank_streams, skip_warning
 from ldm.safeload import load_pickle
 
 
@@ -121,12 +121,14 @@ class StreamTrainer(Trainer):
         else:
             loss.backward()
         if self._micro % self.args.gradient_accumulation_steps == 0:
+            if not self.do_grad_scaling:  # (the loss scaler skips infinite gradients itself)
+                self.agreement.observe_gradients(model.parameters())
             verdict = self.agreement.finish_step(self.progress.fatal)
             self._skip_step = verdict.skip
             self.preempted = self.preempted or verdict.preempt
             if verdict.skip:
                 self.optimizer.clear_grad(set_to_zero=False)
-                logger.warning(f"step {self.state.global_step + 1}: non-finite loss, skipping this optimizer step")
+                logger.warning(skip_warning(self.state.global_step + 1, verdict))
         # A non-finite loss must not poison the logged mean (the step is skipped anyway).
         return paddle.nan_to_num(loss.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -153,7 +155,12 @@ class StreamTrainer(Trainer):
         if self.ema is not None and self._ema_step != step and not self._skip_step:
             self.ema.update()
         self._ema_step = step
-        # SIGTERM on any rank (agreed in training_step): save now and stop after this step.
+        # A skipped step changed no weight: its --save_steps checkpoint would only repeat the last
+        # one under a new number and rotate an older good one out, so it is not written.
+        if self._skip_step:
+            self.control.should_save = False
+        # SIGTERM on any rank (agreed in training_step): save now (after a skipped step too: the
+        # weights are the last good ones) and stop after this step.
         if self.preempted:
             self.control.should_save = self._saved_at != step
             self.control.should_training_stop = True
