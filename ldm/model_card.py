@@ -48,7 +48,7 @@ def collect(pipe, model_dir: str, license: str = "other", weights: str = "", fid
         "data": data_counts(checkpoint) if checkpoint else None,
         "validation": last_validation(run_dir) if run_dir else {},
         "fid": read_fid(fid_csv) if fid_csv else [],
-        "command": " ".join(shlex.quote(a) for a in command) if command else recorded_command(model_dir, run_dir),
+        "command": "python " + " ".join(shlex.quote(a) for a in command) if command else recorded_command(model_dir, run_dir),
     }
 
 
@@ -171,11 +171,12 @@ def render(card: dict) -> str:
     layout = card.get("layout", "diffusers")
     library = "diffusers" if layout == "diffusers" else "ppdiffusers"
     params, config, args = card["parameters"], card["config"], card.get("args") or {}
+    weights = card.get("weights") if card.get("weights") not in (None, "", "pipeline") else "as the source pipeline directory held them"
     lines = ["---", f"library_name: {library}", "pipeline_tag: text-to-image", f"license: {card['license']}", "tags:"]
     lines += [f"- {t}" for t in ("text-to-image", "latent-diffusion", "ldm", "ldmbert", library, "paddlepaddle")]
     lines += ["---", "", "# Latent diffusion text-to-image model (LDMBert + UNet)", ""]
     lines += [f"An `LDMTextToImagePipeline` trained with this repository's PaddlePaddle LDM toolkit, in the **{layout}** layout "
-              f"({'PyTorch `diffusers`' if layout == 'diffusers' else '`ppdiffusers`'} loads it as it is). Weights: {card.get("weights") if card.get("weights") not in (None, "", "pipeline") else "as the source pipeline directory held them"}.", ""]
+              f"({'PyTorch `diffusers`' if layout == 'diffusers' else '`ppdiffusers`'} loads it as it is). Weights: {weights}.", ""]
 
     size = int(config["unet"].get("sample_size", 0)) * 2 ** (len(config["vqvae"].get("block_out_channels", [0])) - 1)
     lines += ["## Use it", "", "```python"]
