@@ -32,6 +32,25 @@ DIFFUSERS_LIBRARIES = ("diffusers", "transformers", "latent_diffusion")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pdparams", ".pdopt", ".pkl", ".pickle")
 
 
+# PyTorch diffusers' LDMTextToImagePipeline pads and truncates every prompt to 77 tokens,
+# whatever the tokenizer says (ppdiffusers' uses tokenizer.model_max_length); LDMBert attends to
+# the padding too, so only a model trained with --model_max_length 77 (the default) samples the
+# same through that pipeline. Others load and compute the same, but need their own tokenization.
+DIFFUSERS_PROMPT_TOKENS = 77
+
+
+def diffusers_caveat(pipe) -> str:
+    """'' or one line on why PyTorch diffusers' stock pipeline call will not sample this model as trained."""
+    positions = int(pipe.bert.config.max_position_embeddings)
+    if positions == DIFFUSERS_PROMPT_TOKENS:
+        return ""
+    what = ("fails (IndexError in the position embedding)" if positions < DIFFUSERS_PROMPT_TOKENS
+            else f"truncates prompts to {DIFFUSERS_PROMPT_TOKENS} of the {positions} tokens the model was trained on")
+    return (f"this model reads {positions}-token prompts (--model_max_length {positions}), but PyTorch diffusers' LDMTextToImagePipeline "
+            f"pads every prompt to {DIFFUSERS_PROMPT_TOKENS} tokens, so its stock __call__ {what}; the weights load and compute the same, "
+            f"tokenize with max_length={positions} and run the components yourself, or train with --model_max_length {DIFFUSERS_PROMPT_TOKENS}")
+
+
 def export_dirs(output_dir: str, export_format: str) -> List[tuple]:
     """[(layout, directory)] that `--export_format` writes for a run's final `output_dir`."""
     if export_format not in FORMATS:
@@ -47,6 +66,9 @@ def save_layout(pipe, output_dir: str, layout: str) -> None:
         pipe.save_pretrained(output_dir)
         return
     pipe.save_pretrained(output_dir, to_diffusers=True)
+    caveat = diffusers_caveat(pipe)
+    if caveat:
+        print(f"warning: {output_dir}: {caveat}", file=sys.stderr)
     _drop_local_paths(os.path.join(output_dir, "tokenizer", "tokenizer_config.json"))
     check_diffusers_dir(output_dir)
 

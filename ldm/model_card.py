@@ -34,6 +34,8 @@ def collect(pipe, model_dir: str, license: str = "other", weights: str = "", fid
     """Everything the card says, as a dict (JSON-able). `model_dir` is what the model was read
     from (a pipeline directory holding the run's checkpoints, or a checkpoint-N); `command` the
     training command line, if this is the run itself (`sys.argv`)."""
+    from ldm.export import diffusers_caveat
+
     checkpoint, run_dir = find_checkpoint(model_dir)
     args = read_json_or_none(os.path.join(checkpoint, "args.json")) if checkpoint else None
     state = read_json_or_none(os.path.join(checkpoint, "trainer_state.json")) if checkpoint else None
@@ -48,6 +50,7 @@ def collect(pipe, model_dir: str, license: str = "other", weights: str = "", fid
         "data": data_counts(checkpoint) if checkpoint else None,
         "validation": last_validation(run_dir) if run_dir else {},
         "fid": read_fid(fid_csv) if fid_csv else [],
+        "diffusers_caveat": diffusers_caveat(pipe),
         "command": "python " + " ".join(shlex.quote(a) for a in command) if command else recorded_command(model_dir, run_dir),
     }
 
@@ -188,6 +191,8 @@ def render(card: dict) -> str:
     lines += [f"image = pipe([\"a prompt\"], height={latent * 8}, width={latent * 8}, guidance_scale=7.5).images[0]", "```", "",
               f"The model was trained at {size}x{size} pixels. The pipeline makes latents of `height // 8` whatever the autoencoder's "
               f"downsampling factor, so `height={latent * 8}` gives this model's {latent}x{latent} latents ({size}x{size} pixels).", ""]
+    if layout == "diffusers" and card.get("diffusers_caveat"):
+        lines += [f"**Note:** {card['diffusers_caveat']}.", ""]
 
     lines += ["## Architecture", "", "| part | class | parameters | size |", "|---|---|---|---|"]
     unet, bert, vae = config["unet"], config["bert"], config["vqvae"]
