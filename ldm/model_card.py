@@ -39,6 +39,9 @@ def collect(pipe, model_dir: str, license: str = "other", weights: str = "", fid
     checkpoint, run_dir = find_checkpoint(model_dir)
     args = read_json_or_none(os.path.join(checkpoint, "args.json")) if checkpoint else None
     state = read_json_or_none(os.path.join(checkpoint, "trainer_state.json")) if checkpoint else None
+    if weights in ("", "pipeline") and args and checkpoint and run_dir == os.path.abspath(model_dir):
+        # A run's final directory holds what its final save applied: the EMA weights with --use_ema.
+        weights = "EMA (the run's --use_ema)" if args.get("use_ema") else "raw (the run had no EMA)"
     return {
         "license": license,
         "weights": weights,
@@ -58,7 +61,8 @@ def collect(pipe, model_dir: str, license: str = "other", weights: str = "", fid
 def find_checkpoint(model_dir: str):
     """(the checkpoint whose records describe the model, the run directory), or (None, None).
     A checkpoint-N describes itself; a run's final directory is described by its newest
-    complete checkpoint (the final save follows the last one)."""
+    complete checkpoint: both scripts write one at the last step before the final save, so it
+    holds the final step, skip counts and arguments."""
     from ldm.checkpoint import CHECKPOINT_RE, latest_checkpoint
 
     model_dir = os.path.abspath(model_dir)
