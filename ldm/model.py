@@ -592,7 +592,14 @@ class LatentDiffusionModel(nn.Layer):
         from ldm.model_card import collect
 
         pipe = self.to_pipeline()
-        return export_pipeline(pipe, output_dir, export_format, collect(pipe, output_dir, weights=weights, command=command))
+        try:
+            card = collect(pipe, output_dir, weights=weights, command=command)
+        except Exception as e:  # noqa: BLE001 - weeks of training must not be lost to a card's unreadable log file
+            from paddlenlp.utils.log import logger
+
+            logger.warning(f"model card not written ({type(e).__name__}: {e}); the weights are saved; python -m ldm.export writes one later")
+            card = None
+        return export_pipeline(pipe, output_dir, export_format, card)
 
 
 def posterior_moments(vae, pixel_values: paddle.Tensor) -> paddle.Tensor:

@@ -124,21 +124,32 @@ def last_validation(run_dir: str) -> dict:
     from visualdl import LogReader
 
     found: Dict[str, tuple] = {}
+    unreadable = []
     for path in files:
-        reader = LogReader(file_path=path)
-        for tag in reader.get_tags().get("scalar", []):
-            if "validation/loss" not in tag:
-                continue
+        try:
+            found_here = validation_scalars(LogReader(file_path=path))
+        except Exception:  # noqa: BLE001 - a record file cut off by a kill mid-write raises protobuf's DecodeError
+            unreadable.append(os.path.relpath(path, run_dir))
+            continue
+        for name, (step, value) in found_here.items():
+            if name not in found or step >= found[name][0]:
+                found[name] = (step, value)
+    if "validation/loss" not in found:
+        return {"unreadable": unreadable} if unreadable else {}
+    step = found["validation/loss"][0]
+    return {"step": step, **{name: value for name, (s, value) in found.items() if s == step}, "unreadable": unreadable}
+
+
+def validation_scalars(reader) -> Dict[str, tuple]:
+    """{'validation/loss...': (last step, value)} of one VisualDL record file."""
+    found = {}
+    for tag in reader.get_tags().get("scalar", []):
+        if "validation/loss" in tag:
             records = reader.get_data("scalar", tag)
             if records:
-                name = tag[tag.index("validation/loss"):]
                 last = max(records, key=lambda r: r.id)
-                if name not in found or last.id >= found[name][0]:
-                    found[name] = (int(last.id), float(last.value))
-    if "validation/loss" not in found:
-        return {}
-    step = found["validation/loss"][0]
-    return {"step": step, **{name: value for name, (s, value) in found.items() if s == step}}
+                found[tag[tag.index("validation/loss"):]] = (int(last.id), float(last.value))
+    return found
 
 
 def read_fid(path: str) -> List[dict]:
@@ -219,9 +230,15 @@ def render(card: dict) -> str:
 
     lines += ["## Evaluation", ""]
     val = card.get("validation") or {}
-    if val:
+    if val.get("unreadable"):
+        lines += [f"- Unreadable VisualDL record files (cut off mid-write?), left out: {', '.join(val['unreadable'])}"]
+    if "step" in val:
         quartiles = ", ".join(f"q{q} {val[f'validation/loss_q{q}']:.5f}" for q in range(1, 5) if f"validation/loss_q{q}" in val)
         lines += [f"- Validation loss at step {val['step']}: {val['validation/loss']:.5f}" + (f" (by timestep quartile, q1 = least noisy: {quartiles})" if quartiles else ""),]
+    elif val.get("unreadable"):
+        lines += [f"- Validation loss: {NOT_RECORDED} (its VisualDL record files are unreadable)."]
+    elif (card.get("args") or {}).get("eval_file_list"):
+        lines += [f"- Validation loss: {NOT_RECORDED} (no VisualDL records of it under the run's runs/)."]
     else:
         lines += [f"- Validation loss: {NOT_MEASURED} (the run had no --eval_file_list)."]
     if card.get("fid"):

@@ -95,13 +95,18 @@ def test_card_counts_skips_and_says_not_measured(run, tmp_path):
     position["workers"] = {"0": dict(position["workers"]["0"], skips=vector), "1": dict(position["workers"]["0"], skips=vector)}
     (ckpt / "data_position_rank0.json").write_text(json.dumps(position))
     (ckpt / "data_position_rank1.json").write_text(json.dumps(position))
+    # The run's VisualDL records, cut off mid-write as a kill leaves them: left out and named, no crash.
+    record = next(p for p in (run / "runs").rglob("vdlrecords*") if p.is_file() and p.stat().st_size > 100)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / record.name).write_bytes(record.read_bytes()[: record.stat().st_size // 2])
     out = tmp_path / "exported"
     res = run_script(["-m", "ldm.export", "--model_dir", str(ckpt), "--output_dir", str(out), "--format", "diffusers", "--license", "mit", *TRUST])
     assert res.returncode == 0, res.stderr[-3000:]
     card = (out / "README.md").read_text()
     assert front_matter(card)[0]["license"] == "mit"
     assert "- Records skipped: too_small 20, bad_base64 8 (summed over the 2 rank(s)" in card
-    assert "- Validation loss: not measured" in card and "- FID: not measured." in card
+    assert f"- Unreadable VisualDL record files (cut off mid-write?), left out: runs/{record.name}" in card
+    assert "- Validation loss: not recorded (its VisualDL record files are unreadable)." in card and "- FID: not measured." in card
     assert "```bash\nnot recorded\n```" in card
     assert "EMA" in card.split("Weights: ")[1].split("\n")[0]
 
