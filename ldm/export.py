@@ -90,15 +90,18 @@ def check_diffusers_dir(path: str) -> None:
     """Raise ValueError unless `path` is what PyTorch users get: no pickled file anywhere, and a
     model_index.json naming diffusers/transformers classes alone. Guards against a ppdiffusers
     upgrade quietly writing `.pdparams` or Paddle library names into the export."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            if name.endswith(PICKLE_SUFFIXES):
-                raise ValueError(f"diffusers export {path}: {os.path.join(root, name)} is a pickle; the export must be safetensors only")
     with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
         index = json.load(f)
-    for name, entry in index.items():
-        if isinstance(entry, list) and entry and entry[0] not in DIFFUSERS_LIBRARIES:
-            raise ValueError(f"diffusers export {path}: model_index.json names {entry[0]}.{entry[1]} for {name}, not a diffusers or transformers class")
+    components = [name for name, entry in index.items() if isinstance(entry, list) and entry]
+    for name in components:
+        if index[name][0] not in DIFFUSERS_LIBRARIES:
+            raise ValueError(f"diffusers export {path}: model_index.json names {index[name][0]}.{index[name][1]} for {name}, not a diffusers or transformers class")
+        # Only the components' folders: a run's final directory also holds its checkpoint-N/
+        # (optimizer and RNG state are Paddle pickles), which no diffusers loader reads.
+        for root, _, files in os.walk(os.path.join(path, name)):
+            for file in files:
+                if file.endswith(PICKLE_SUFFIXES):
+                    raise ValueError(f"diffusers export {path}: {os.path.join(root, file)} is a pickle; the export must be safetensors only")
 
 
 def export_pipeline(pipe, output_dir: str, export_format: str, card: Optional[dict] = None) -> List[str]:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from conftest import ROOT, ldm_args, run_script
+from conftest import ldm_args, run_script
+from ldm.export import DIFFUSERS_SUBDIR
 
 STEPS = 2
 # The Trainer script's checkpoint-N keeps its weights in the Trainer's model_state.pdparams (a
@@ -78,6 +79,27 @@ def test_export_format_both_writes_each_layout_with_a_card(run):
         assert "--export_format both" in card.split("## Training command")[1]
     # The tiny preset reads 16-token prompts; the diffusers card says what that means there.
     assert "pads every prompt to 77 tokens" in (run / "diffusers" / "README.md").read_text()
+
+
+def test_diffusers_check_refuses_pickles_and_paddle_names(run, tmp_path):
+    """The guard on every diffusers export (a ppdiffusers upgrade writing .pdparams or Paddle names
+    would otherwise reach PyTorch users silently); a run's checkpoint-N/ beside it is not its business."""
+    import shutil
+
+    from ldm.export import check_diffusers_dir
+
+    check_diffusers_dir(str(run / "diffusers"))
+    copy = tmp_path / "d"
+    shutil.copytree(run / "diffusers", copy)
+    shutil.copytree(run / f"checkpoint-{STEPS}", copy / f"checkpoint-{STEPS}")  # pickles outside the components: fine
+    check_diffusers_dir(str(copy))
+    (copy / "bert" / "model_state.pdparams").write_bytes(b"")
+    with pytest.raises(ValueError, match="model_state.pdparams is a pickle"):
+        check_diffusers_dir(str(copy))
+    (copy / "bert" / "model_state.pdparams").unlink()
+    (copy / "model_index.json").write_text((copy / "model_index.json").read_text().replace('"diffusers"', '"ppdiffusers"'))
+    with pytest.raises(ValueError, match="names ppdiffusers"):
+        check_diffusers_dir(str(copy))
 
 
 def test_card_counts_skips_and_says_not_measured(run, tmp_path):
@@ -356,3 +378,24 @@ def test_fid_folders_bad_input(fid_weights, tmp_path):
     (tmp_path / "a" / "zz.png").write_bytes(b"\x89PNG broken")
     res = run_script(["-m", "ldm.evaluate", "--folders", a, a, "--inception_weights", fid_weights])
     assert res.returncode == 2 and "cannot read" in res.stderr and "zz.png" in res.stderr
+
+
+def test_no_trainer_script_exports_diffusers_layout(shapes, vae_dir, tmp_path):
+    """The explicit loop's final save with --export_format diffusers: the top-level directory is
+    the PyTorch layout with its card, and this project's loaders still read it."""
+    from ldm.loading import load_pipeline
+
+    out = tmp_path / "run"
+    res = run_script(["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "4",
+                      "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--max_train_steps", "1", "--logging_steps", "1",
+                      "--save_steps", "1", "--seed", "23", "--num_workers", "0", "--vae_name_or_path", str(vae_dir),
+                      "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
+                      "--file_list", shapes["file_list"], "--model_max_length", "16", "--tokenizer_name", shapes["tokenizer"],
+                      "--resolution", "32", "--image_logging_steps", "0", "--export_format", "diffusers"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read_index(out)["unet"] == ["diffusers", "UNet2DConditionModel"] and not (out / DIFFUSERS_SUBDIR).exists()
+    card = (out / "README.md").read_text()
+    assert "- Steps: 1 (checkpoint checkpoint-1)" in card and "- EMA: off" in card
+    assert "```bash\npython train_txt2img_laion400m_no_trainer.py --output_dir" in card
+    pipe, _ = load_pipeline(str(out))
+    assert type(pipe.bert).__name__ == "LDMBertModel"
