@@ -5,6 +5,7 @@ checkpoints) for readers who want to see every step. Runs alone or under
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 
 import paddle
@@ -192,11 +193,11 @@ def main():
     vdl.close()
     log_parameter_checksum(model, rank)
 
-    # Save the final model (EMA weights with --use_ema) as a ppdiffusers pipeline directory:
+    # Save the final model (EMA weights with --use_ema) in --export_format, with its model card:
     if rank == 0:
         with maybe_applied(ema):
-            model.save_pipeline(args.output_dir)
-        logger.info(f"Saved LDMTextToImagePipeline to {args.output_dir}")
+            written = model.save_final(args.output_dir, model_args.export_format, "EMA" if ema is not None else "raw", sys.argv)
+        logger.info(f"Saved LDMTextToImagePipeline ({model_args.export_format} layout) to {', '.join(written)}")
 
 
 if __name__ == "__main__":

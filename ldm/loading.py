@@ -64,7 +64,23 @@ def load_stock_pipeline(model_dir: str, trust_pickle: bool = False, flag: str = 
     from ldm.safeload import check_pipeline_dir
 
     check_pipeline_dir(model_dir, trust_pickle, flag)
-    return LDMTextToImagePipeline.from_pretrained(model_dir)
+    components = {}
+    if diffusers_layout(model_dir):
+        # A PyTorch-layout directory (python -m ldm.export --format diffusers, or a diffusers
+        # download): ppdiffusers 0.29 converts its UNet and autoencoder while loading when told
+        # (from_diffusers; it does not detect it), but its LDMBert reader refuses torch-format safetensors (and its from_diffusers path for LDMBert
+        # is broken), so the text encoder goes through ldm.model.load_text_encoder's converter.
+        from ldm.model import load_text_encoder
+
+        components = {"bert": load_text_encoder(os.path.join(model_dir, "bert"), trust_pickle), "from_diffusers": True}
+    return LDMTextToImagePipeline.from_pretrained(model_dir, **components)
+
+
+def diffusers_layout(model_dir: str) -> bool:
+    """Whether a pipeline directory's model_index.json was written for PyTorch diffusers."""
+    with open(os.path.join(model_dir, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    return "_diffusers_version" in index or any(isinstance(v, list) and v[:1] == ["diffusers"] for v in index.values())
 
 
 def model_dir_kind(model_dir: str) -> str:

@@ -583,6 +583,24 @@ class LatentDiffusionModel(nn.Layer):
         """Write a directory that stock `LDMTextToImagePipeline.from_pretrained` loads (SPEC section 3)."""
         self.to_pipeline().save_pretrained(output_dir)
 
+    def save_final(self, output_dir: str, export_format: str = "paddle", weights: str = "", command: Optional[List[str]] = None) -> List[str]:
+        """A run's final save: the pipeline in `export_format` (ldm.export: paddle in output_dir,
+        diffusers in output_dir or, for 'both', output_dir/diffusers/), each with a model card
+        built from the run's newest checkpoint in output_dir and `command` (the training command
+        line). Returns the directories written."""
+        from ldm.export import export_pipeline
+        from ldm.model_card import collect
+
+        pipe = self.to_pipeline()
+        try:
+            card = collect(pipe, output_dir, weights=weights, command=command)
+        except Exception as e:  # noqa: BLE001 - weeks of training must not be lost to a card's unreadable log file
+            from paddlenlp.utils.log import logger
+
+            logger.warning(f"model card not written ({type(e).__name__}: {e}); the weights are saved; python -m ldm.export writes one later")
+            card = None
+        return export_pipeline(pipe, output_dir, export_format, card)
+
 
 def posterior_moments(vae, pixel_values: paddle.Tensor) -> paddle.Tensor:
     """What the autoencoder's encoder says about images from the stream, float32: the posterior's
