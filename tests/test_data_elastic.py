@@ -106,7 +106,7 @@ def test_skip_counts_survive_a_layout_change(tmp_path):
 
 def test_the_training_script_resumes_on_more_dataloader_workers(shapes, vae_dir, tmp_path):
     from conftest import run_script
-    from test_resume_exact import no_trainer_args
+    from conftest import loop_resume_args as no_trainer_args
 
     out = tmp_path / "run"
     res = run_script(no_trainer_args(shapes, vae_dir, out, 2, ["--num_workers", "1", "--save_steps", "2"]))

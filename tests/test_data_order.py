@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import make_parts, run_script, write_lists
-from test_resume_exact import no_trainer_args
+from conftest import loop_resume_args as no_trainer_args
 from ldm import checkpoint, data
 
 
