@@ -152,10 +152,10 @@ def test_wrong_directories_get_one_line_naming_what_is_missing(run_dir, stock_pi
     assert "not a directory" in one_line_error(capsys, tmp_path / "nowhere")
     # A run that has not finished: points at its newest checkpoint.
     unfinished = tmp_path / "unfinished"
-    for step in (3, 5):
+    for step in (3, 5, 7):
         os.makedirs(unfinished / f"checkpoint-{step}")
-        for f in ("trainer_state.json", "data_position_rank0.json"):
-            (unfinished / f"checkpoint-{step}" / f).write_text("{}")
+        if step < 7:  # checkpoint-7's save was cut off: no manifest, so the newest complete one is checkpoint-5
+            (unfinished / f"checkpoint-{step}" / "manifest.json").write_text('{"files": {}}')
     assert "checkpoint-5" in one_line_error(capsys, unfinished)
     bare = tmp_path / "bare"
     os.makedirs(bare)
@@ -202,9 +202,9 @@ def test_validation_loss_of_written_models(request, shapes, source):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpm"])
 def test_checkpoint_and_exported_directory_sample_the_same_images(run_dir, tmp_path, scheduler):
-    """checkpoint-2 (rebuilt from its args.json, EMA weights) and the directory exported from the
+    """The last checkpoint (rebuilt from its args.json, EMA weights) and the directory exported from the
     same weights are one model: every sampler must take the same settings (timestep spacing
     included) from both, so the same seed gives the same pixels."""
     _, from_final = images(run(run_dir, tmp_path / "final", "--scheduler", scheduler, prompts=PROMPTS[:1]))
-    _, from_ckpt = images(run(run_dir / "checkpoint-2", tmp_path / "ckpt", "--scheduler", scheduler, prompts=PROMPTS[:1]))
+    _, from_ckpt = images(run(run_dir / LAST, tmp_path / "ckpt", "--scheduler", scheduler, prompts=PROMPTS[:1]))
     assert np.abs(from_ckpt - from_final).max() == 0
