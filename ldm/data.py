@@ -31,12 +31,13 @@ import binascii
 import collections
 import io
 import itertools
+import hashlib
 import json
 import math
-import hashlib
 import os
 import stat
 import sys
+import time
 import traceback
 import warnings
 import zlib
@@ -1173,6 +1174,10 @@ def _sigterm_only_from_parent() -> None:
             os._exit(1)
 
 
+# How long the training process waits at exit for its data workers to take their SIGINT.
+WORKER_EXIT_GRACE_S = 5.0
+
+
 def end_workers_at_exit() -> None:
     """In the training process: at exit, end the data workers still running with SIGINT (see
     `_sigterm_only_from_parent`). atexit runs the newest registration first, so this runs before
@@ -1182,9 +1187,19 @@ def end_workers_at_exit() -> None:
     import signal
 
     def end_workers():
-        for worker in multiprocessing.active_children():
-            if worker.daemon:
-                os.kill(worker.pid, signal.SIGINT)
+        workers = [w for w in multiprocessing.active_children() if w.daemon]
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
+        # Python runs a signal's handler in the main thread, but the kernel may hand the signal to
+        # another of the worker's threads (Paddle's or the queue feeder): its main thread then stays
+        # blocked reading the index queue and never sees it (seen: a finished 2-rank run hung at exit).
+        # So a worker still alive after a grace period is killed; its work is over anyway.
+        deadline = time.monotonic() + WORKER_EXIT_GRACE_S
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.join()
 
     atexit.register(end_workers)
 

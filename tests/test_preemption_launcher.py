@@ -170,3 +170,35 @@ def test_sigterm_under_the_launcher_saves_every_rank_and_resumes_exactly(shapes,
     diff = max_abs_diff(model_weights(baselines[kind]), model_weights(out / f"checkpoint-{STEPS}"))
     print(f"{kind}: preempted at step {step}, max abs weight difference to the uninterrupted run {diff:.3e}")
     assert diff == 0.0
+
+
+WORKER_THAT_MISSES_SIGINT = '''
+import multiprocessing, signal, sys, time
+from ldm.data import end_workers_at_exit
+
+def worker(conn):
+    # As a data worker: SIGTERM ignored; SIGINT as good as lost (the kernel may hand it to a thread
+    # other than the main one, which stays blocked reading its index queue, as seen in a real run).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.recv()
+
+if __name__ == "__main__":
+    parent_end, child_end = multiprocessing.Pipe()
+    multiprocessing.Process(target=worker, args=(child_end,), daemon=True).start()
+    time.sleep(1)  # the worker has set its handlers
+    end_workers_at_exit()
+'''
+
+
+def test_a_finished_run_exits_even_if_a_worker_misses_its_sigint(tmp_path):
+    """At exit the training process SIGINTs its data workers and, after a grace period, kills the
+    ones still there; without the kill, Python's exit hook waits for them for ever."""
+    script = tmp_path / "exit.py"
+    script.write_text(WORKER_THAT_MISSES_SIGINT)
+    start = time.monotonic()
+    with open(tmp_path / "stderr", "w") as err:  # (a file, not a pipe: a hung worker would hold a pipe open)
+        res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                             stderr=err, timeout=60)
+    assert res.returncode == 0, (tmp_path / "stderr").read_text()[-2000:]
+    assert time.monotonic() - start < 30
