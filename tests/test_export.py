@@ -118,9 +118,23 @@ def test_card_counts_skips_and_says_not_measured(run, tmp_path):
     (ckpt / "data_position_rank0.json").write_text(json.dumps(position))
     (ckpt / "data_position_rank1.json").write_text(json.dumps(position))
     # The run's VisualDL records, cut off mid-write as a kill leaves them: left out and named, no crash.
-    record = next(p for p in (run / "runs").rglob("vdlrecords*") if p.is_file() and p.stat().st_size > 100)
+    # (Where the cut lands decides whether the reader fails: at a record boundary the prefix reads fine,
+    # as happened in one make test. So the cut is moved from the middle until this reader fails on it.)
+    from visualdl import LogReader
+
+    from ldm.model_card import validation_scalars
+
+    record = next(p for p in sorted((run / "runs").rglob("vdlrecords*")) if p.is_file() and p.stat().st_size > 100)
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / record.name).write_bytes(record.read_bytes()[: record.stat().st_size // 2])
+    data, cut_file = record.read_bytes(), tmp_path / "runs" / record.name
+    for cut in range(len(data) // 2, len(data), 3):
+        cut_file.write_bytes(data[:cut])
+        try:
+            validation_scalars(LogReader(file_path=str(cut_file)))
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, as the card's reader meets it
+            break
+    else:
+        pytest.fail(f"no cut of {record.name} made it unreadable")
     out = tmp_path / "exported"
     res = run_script(["-m", "ldm.export", "--model_dir", str(ckpt), "--output_dir", str(out), "--format", "diffusers", "--license", "mit", *TRUST])
     assert res.returncode == 0, res.stderr[-3000:]
