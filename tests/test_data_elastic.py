@@ -7,11 +7,14 @@ import os
 import pytest
 
 from conftest import make_parts, write_lists
-from ldm import checkpoint, data
+from ldm.training import checkpoint
+from ldm.data.records import SKIP_REASONS
+from ldm.data.progress import StreamProgress
+from ldm.data.stream import TextImageStream
 
 
 def stream_for(file_list, rank, world_size):
-    return data.TextImageStream(file_list, 32, seed=3, buffer_size=5, rank=rank, world_size=world_size, parts_per_window=2)
+    return TextImageStream(file_list, 32, seed=3, buffer_size=5, rank=rank, world_size=world_size, parts_per_window=2)
 
 
 def run_layout(file_list, world_size, num_workers, take, resume_from=None):
@@ -21,7 +24,7 @@ def run_layout(file_list, world_size, num_workers, take, resume_from=None):
     for rank in range(world_size):
         stream = stream_for(file_list, rank, world_size)
         saved = checkpoint.resume_data_stream(stream, str(resume_from), rank, num_workers, False) if resume_from else None
-        progress = data.StreamProgress(world_size, num_workers, saved, stream=stream)
+        progress = StreamProgress(world_size, num_workers, saved, stream=stream)
         for worker in range(max(1, num_workers)):
             shard = stream.shard_stream(worker, max(1, num_workers))
             n = take(rank, worker)
@@ -96,12 +99,12 @@ def test_skip_counts_survive_a_layout_change(tmp_path):
     gone = str(tmp_path / "gone.gz")
     file_list = write_lists(tmp_path, parts + [gone])
     _, states = run_layout(file_list, 2, 1, lambda r, w: 7)
-    total = sum(s["skips"][data.SKIP_REASONS.index("missing_part")] for st in states for s in st["workers"].values())
+    total = sum(s["skips"][SKIP_REASONS.index("missing_part")] for st in states for s in st["workers"].values())
     assert total >= 1
     save(states, tmp_path / "checkpoint-3")
     stream = stream_for(file_list, 0, 1)
     saved = checkpoint.resume_data_stream(stream, str(tmp_path / "checkpoint-3"), 0, 3, False)
-    assert sum(w["skips"][data.SKIP_REASONS.index("missing_part")] for w in saved["workers"].values()) == total
+    assert sum(w["skips"][SKIP_REASONS.index("missing_part")] for w in saved["workers"].values()) == total
 
 
 def test_the_training_script_resumes_on_more_dataloader_workers(shapes, vae_dir, tmp_path):

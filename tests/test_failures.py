@@ -7,8 +7,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import ldm_args, run_script
-from ldm import checkpoint
-from ldm.data import StreamProgress
+from ldm.training import checkpoint
+from ldm.data.progress import StreamProgress
 
 
 def test_nonfinite_losses_skip_steps_then_stop_with_a_message(shapes, vae_dir, tmp_path):

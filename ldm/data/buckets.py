@@ -75,29 +75,6 @@ class BucketBatcher:
         return [ref for bucket in self.order for _, ref in self.queues.get(bucket, [])]
 
 
-def read_lines(wanted: Iterable[Tuple[str, int]]) -> Dict[Tuple[str, int], bytes]:
-    """Raw lines by (part, line number), each part read once (how a resumed worker refills its carry)."""
-    from ldm.data import Skip, open_part
-
-    by_part: Dict[str, set] = {}
-    for part, line in wanted:
-        by_part.setdefault(part, set()).add(int(line))
-    found = {}
-    for part, lines in by_part.items():
-        try:
-            f = open_part(part)
-        except Skip:
-            continue
-        with f:
-            last = max(lines)
-            for n, raw in enumerate(f, start=1):
-                if n in lines:
-                    found[(part, n)] = raw
-                if n >= last:
-                    break
-    return found
-
-
 def stack(samples: List[dict]) -> dict:
     """One batch dict from same-bucket samples (arrays stacked; the bookkeeping string kept as a list)."""
     batch = {}

@@ -27,8 +27,9 @@ from typing import List, Optional
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from ldm.data import SKIP_REASONS, SkipCounter, iter_unit_lines, load_image, make_units, parse_line, read_file_list, to_rgb
-from ldm.prepare import Workers, default_workers
+from ldm.data.records import SKIP_REASONS, SkipCounter, load_image, parse_line, to_rgb
+from ldm.data.filelists import iter_unit_lines, make_units, read_file_list
+from ldm.data.prepare import Workers, default_workers
 
 THUMB_SIDE = 192  # longer side of a sample thumbnail, pixels
 

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from ldm.data import read_file_list
+from ldm.data.filelists import read_file_list
 
 
 def split_file_list(file_list: str, output_dir: str, eval_parts: int = 1):

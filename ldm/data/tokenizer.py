@@ -18,7 +18,8 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0, LDMBe
 def iter_captions(file_list: str) -> Iterable[str]:
     """The caption (column 1) of every record line of every part, once; parts that cannot be
     read are counted and logged by ldm.data as in training."""
-    from ldm.data import SkipCounter, iter_unit_lines, make_units, read_file_list
+    from ldm.data.records import SkipCounter
+    from ldm.data.filelists import iter_unit_lines, make_units, read_file_list
 
     skips = SkipCounter()
     skips.where = "the tokenizer builder"

@@ -78,7 +78,7 @@ def real_records(file_list: str, num_images: int, resolution: int, seed: int = 0
     """The first `num_images` readable records of one deterministic pass over the data, as
     (HWC uint8 image at `resolution`, cropped as for training; caption), and the skip counts by
     reason (filled in as the records are read)."""
-    from ldm.data import TextImageStream
+    from ldm.data.stream import TextImageStream
 
     stream = TextImageStream(file_list, resolution, seed=seed, rank=0, world_size=1)
     shard = stream.shard_stream(0, 1, passes=1)
@@ -141,7 +141,7 @@ def folder_features(inception, files: List[str], batch_size: int) -> np.ndarray:
     with one line naming it: a silently smaller folder would shift the FID."""
     from PIL import Image
 
-    from ldm.inception import FEATURE_DIM, pool3_features
+    from ldm.evaluation.inception import FEATURE_DIM, pool3_features
 
     features = []
     for chunk in batches(files, batch_size):
@@ -164,8 +164,8 @@ def folder_features(inception, files: List[str], batch_size: int) -> np.ndarray:
 
 def fid_between_folders(args) -> int:
     """`--folders A B`: print the FID of two folders of images (pytorch-fid's command line)."""
-    from ldm.inception import WEIGHTS_HELP, load_fid_inception
-    from ldm.runtime import exit_on_bad_input, set_cpu_threads
+    from ldm.evaluation.inception import WEIGHTS_HELP, load_fid_inception
+    from ldm.training.runtime import exit_on_bad_input, set_cpu_threads
 
     try:
         if not args.inception_weights or not os.path.isfile(args.inception_weights):
@@ -184,7 +184,7 @@ def fid_between_folders(args) -> int:
 
 
 def parse_args(argv=None):
-    from ldm.loading import SCHEDULERS
+    from ldm.evaluation.loading import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="python -m ldm.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--folders", nargs=2, metavar=("A", "B"), help="Instead of a model: print the FID between the images of two folders (as pytorch-fid's command line), then stop.")
@@ -219,9 +219,9 @@ def main(argv=None):
         return fid_between_folders(args)
     from tqdm.auto import tqdm
 
-    from ldm.inception import WEIGHTS_HELP, load_fid_inception, pool3_features
-    from ldm.loading import generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, to_uint8_array, trained_size
-    from ldm.runtime import exit_on_bad_input, require_writable_dir, set_cpu_threads
+    from ldm.evaluation.inception import WEIGHTS_HELP, load_fid_inception, pool3_features
+    from ldm.evaluation.loading import generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, to_uint8_array, trained_size
+    from ldm.training.runtime import exit_on_bad_input, require_writable_dir, set_cpu_threads
 
     # Check every input before anything slow: the Inception weights first, they are the usual miss.
     try:

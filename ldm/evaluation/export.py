@@ -21,6 +21,8 @@ import os
 import sys
 from typing import List, Optional
 
+from ldm.evaluation.model_card import diffusers_caveat
+
 FORMATS = ("paddle", "diffusers", "both")
 # With --export_format both the diffusers copy goes into this subdirectory of the output
 # directory: the top level stays the Paddle layout every existing command reads (SPEC section 3).
@@ -30,25 +32,6 @@ DIFFUSERS_SUBDIR = "diffusers"
 # exactly as diffusers' CompVis/ldm-text2im-large-256 names it).
 DIFFUSERS_LIBRARIES = ("diffusers", "transformers", "latent_diffusion")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pdparams", ".pdopt", ".pkl", ".pickle")
-
-
-# PyTorch diffusers' LDMTextToImagePipeline pads and truncates every prompt to 77 tokens,
-# whatever the tokenizer says (ppdiffusers' uses tokenizer.model_max_length); LDMBert attends to
-# the padding too, so only a model trained with --model_max_length 77 (the default) samples the
-# same through that pipeline. Others load and compute the same, but need their own tokenization.
-DIFFUSERS_PROMPT_TOKENS = 77
-
-
-def diffusers_caveat(pipe) -> str:
-    """'' or one line on why PyTorch diffusers' stock pipeline call will not sample this model as trained."""
-    positions = int(pipe.bert.config.max_position_embeddings)
-    if positions == DIFFUSERS_PROMPT_TOKENS:
-        return ""
-    what = ("fails (IndexError in the position embedding)" if positions < DIFFUSERS_PROMPT_TOKENS
-            else f"truncates prompts to {DIFFUSERS_PROMPT_TOKENS} of the {positions} tokens the model was trained on")
-    return (f"this model reads {positions}-token prompts (--model_max_length {positions}), but PyTorch diffusers' LDMTextToImagePipeline "
-            f"pads every prompt to {DIFFUSERS_PROMPT_TOKENS} tokens, so its stock __call__ {what}; the weights load and compute the same, "
-            f"tokenize with max_length={positions} and run the components yourself, or train with --model_max_length {DIFFUSERS_PROMPT_TOKENS}")
 
 
 def export_dirs(output_dir: str, export_format: str) -> List[tuple]:
@@ -107,7 +90,7 @@ def check_diffusers_dir(path: str) -> None:
 def export_pipeline(pipe, output_dir: str, export_format: str, card: Optional[dict] = None) -> List[str]:
     """Write `pipe` in `export_format` ('paddle', 'diffusers' or 'both'), each directory with its
     model card (`card`: the facts `ldm.model_card.collect` gathered); returns the directories."""
-    from ldm.model_card import write_card
+    from ldm.evaluation.model_card import write_card
 
     written = []
     for layout, directory in export_dirs(output_dir, export_format):
@@ -116,6 +99,24 @@ def export_pipeline(pipe, output_dir: str, export_format: str, card: Optional[di
             write_card(directory, dict(card, layout=layout))
         written.append(directory)
     return written
+
+
+def save_final(model, output_dir: str, export_format: str = "paddle", weights: str = "", command: Optional[List[str]] = None) -> List[str]:
+    """A run's final save of `model` (an ldm.models.ldm.LatentDiffusionModel): the pipeline in `export_format` (ldm.export: paddle in output_dir,
+    diffusers in output_dir or, for 'both', output_dir/diffusers/), each with a model card
+    built from the run's newest checkpoint in output_dir and `command` (the training command
+    line). Returns the directories written."""
+    from ldm.evaluation.model_card import collect
+
+    pipe = model.to_pipeline()
+    try:
+        card = collect(pipe, output_dir, weights=weights, command=command)
+    except Exception as e:  # noqa: BLE001 - weeks of training must not be lost to a card's unreadable log file
+        from paddlenlp.utils.log import logger
+
+        logger.warning(f"model card not written ({type(e).__name__}: {e}); the weights are saved; python -m ldm.export writes one later")
+        card = None
+    return export_pipeline(pipe, output_dir, export_format, card)
 
 
 def parse_args(argv=None):
@@ -134,9 +135,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ldm.loading import load_pipeline
-    from ldm.model_card import collect
-    from ldm.runtime import exit_on_bad_input, require_writable_dir
+    from ldm.evaluation.loading import load_pipeline
+    from ldm.evaluation.model_card import collect
+    from ldm.training.runtime import exit_on_bad_input, require_writable_dir
 
     try:
         if os.path.abspath(args.output_dir) == os.path.abspath(args.model_dir):

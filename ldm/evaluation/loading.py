@@ -61,7 +61,7 @@ def load_stock_pipeline(model_dir: str, trust_pickle: bool = False, flag: str = 
     read no pickle."""
     from ppdiffusers import LDMTextToImagePipeline
 
-    from ldm.safeload import check_pipeline_dir
+    from ldm.core.safeload import check_pipeline_dir
 
     check_pipeline_dir(model_dir, trust_pickle, flag)
     components = {}
@@ -70,7 +70,7 @@ def load_stock_pipeline(model_dir: str, trust_pickle: bool = False, flag: str = 
         # download): ppdiffusers 0.29 converts its UNet and autoencoder while loading when told
         # (from_diffusers; it does not detect it), but its LDMBert reader refuses torch-format safetensors (and its from_diffusers path for LDMBert
         # is broken), so the text encoder goes through ldm.model.load_text_encoder's converter.
-        from ldm.model import load_text_encoder
+        from ldm.models.ldm import load_text_encoder
 
         components = {"bert": load_text_encoder(os.path.join(model_dir, "bert"), trust_pickle), "from_diffusers": True}
     return LDMTextToImagePipeline.from_pretrained(model_dir, **components)
@@ -85,7 +85,7 @@ def diffusers_layout(model_dir: str) -> bool:
 
 def model_dir_kind(model_dir: str) -> str:
     """'pipeline' or 'checkpoint'; otherwise a ValueError that says what is missing and what to pass."""
-    from ldm.checkpoint import complete_checkpoints
+    from ldm.training.checkpoint import complete_checkpoints
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model_dir {model_dir!r} is not a directory")
@@ -111,10 +111,12 @@ def model_from_checkpoint(path: str, use_ema: bool = True, trust_pickle: bool = 
     """The LatentDiffusionModel of a checkpoint-N (eval mode) and which weights it holds."""
     from safetensors.numpy import load_file
 
-    from ldm.args import ModelArguments, RecipeArguments
-    from ldm.checkpoint import check_state_shapes, trainable_state
-    from ldm.model import create_model, read_json
-    from ldm.safeload import load_pickle, refuse
+    from ldm.training.args import ModelArguments, RecipeArguments
+    from ldm.models.ldm import check_state_shapes
+    from ldm.training.checkpoint import trainable_state
+    from ldm.training.build import create_model
+    from ldm.models.recipe import read_json
+    from ldm.core.safeload import load_pickle, refuse
 
     safe_file, pickle_file = os.path.join(path, "model.safetensors"), os.path.join(path, "model_state.pdparams")
     if not os.path.isfile(safe_file) and not trust_pickle:

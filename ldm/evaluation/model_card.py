@@ -29,12 +29,30 @@ COMMAND_HEADING = "## Training command"
 # ---------------------------------------------------------------------------
 
 
+# PyTorch diffusers' LDMTextToImagePipeline pads and truncates every prompt to 77 tokens,
+# whatever the tokenizer says (ppdiffusers' uses tokenizer.model_max_length); LDMBert attends to
+# the padding too, so only a model trained with --model_max_length 77 (the default) samples the
+# same through that pipeline. Others load and compute the same, but need their own tokenization.
+DIFFUSERS_PROMPT_TOKENS = 77
+
+
+def diffusers_caveat(pipe) -> str:
+    """'' or one line on why PyTorch diffusers' stock pipeline call will not sample this model as trained."""
+    positions = int(pipe.bert.config.max_position_embeddings)
+    if positions == DIFFUSERS_PROMPT_TOKENS:
+        return ""
+    what = ("fails (IndexError in the position embedding)" if positions < DIFFUSERS_PROMPT_TOKENS
+            else f"truncates prompts to {DIFFUSERS_PROMPT_TOKENS} of the {positions} tokens the model was trained on")
+    return (f"this model reads {positions}-token prompts (--model_max_length {positions}), but PyTorch diffusers' LDMTextToImagePipeline "
+            f"pads every prompt to {DIFFUSERS_PROMPT_TOKENS} tokens, so its stock __call__ {what}; the weights load and compute the same, "
+            f"tokenize with max_length={positions} and run the components yourself, or train with --model_max_length {DIFFUSERS_PROMPT_TOKENS}")
+
+
 def collect(pipe, model_dir: str, license: str = "other", weights: str = "", fid_csv: Optional[str] = None,
             command: Optional[List[str]] = None) -> dict:
     """Everything the card says, as a dict (JSON-able). `model_dir` is what the model was read
     from (a pipeline directory holding the run's checkpoints, or a checkpoint-N); `command` the
     training command line, if this is the run itself (`sys.argv`)."""
-    from ldm.export import diffusers_caveat
 
     checkpoint, run_dir = find_checkpoint(model_dir)
     args = read_json_or_none(os.path.join(checkpoint, "args.json")) if checkpoint else None
@@ -63,7 +81,7 @@ def find_checkpoint(model_dir: str):
     A checkpoint-N describes itself; a run's final directory is described by its newest
     complete checkpoint: both scripts write one at the last step before the final save, so it
     holds the final step, skip counts and arguments."""
-    from ldm.checkpoint import CHECKPOINT_RE, latest_checkpoint
+    from ldm.training.checkpoint import CHECKPOINT_RE, latest_checkpoint
 
     model_dir = os.path.abspath(model_dir)
     if CHECKPOINT_RE.match(os.path.basename(model_dir)):
@@ -101,7 +119,7 @@ def data_counts(checkpoint: str) -> dict:
     """Skips by reason summed over every rank's and worker's saved position (cumulative over the
     run: a resumed worker carries its counts on), and the ranks that saved one. At 32 GPUs x 6
     workers that is 32 small JSON files."""
-    from ldm.data import SKIP_REASONS, skips_from_vector
+    from ldm.data.records import SKIP_REASONS, skips_from_vector
 
     totals = {r: 0 for r in SKIP_REASONS}
     files = sorted(glob.glob(os.path.join(checkpoint, "data_position_rank*.json")))

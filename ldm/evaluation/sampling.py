@@ -1,8 +1,8 @@
 """Sampling from a trained model directory with stock ppdiffusers, as a user would."""
 from typing import Dict, List, Tuple
 
-from ldm.loading import load_stock_pipeline, save_grid
-from ldm.sample_data import SCORES, follows_prompt, parse_caption
+from ldm.evaluation.loading import load_stock_pipeline, save_grid
+from ldm.data.sample_data import SCORES, follows_prompt, parse_caption
 
 
 def sample_grid(model_dir: str, prompts: List[str], per_prompt: int, path: str, guidance_scale: float = 7.5, steps: int = 50,

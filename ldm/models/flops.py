@@ -141,8 +141,8 @@ def count_forward(vae, text_encoder, unet, resolution: int, max_length: int) -> 
     """Run one image (zeros: FLOPs do not depend on the values) through the encoder, LDMBert
     (`max_length` tokens, as the tokenizer pads them) and the UNet at `resolution` with counters on,
     in eval mode, leaving the training RNG and the models' modes as they were."""
-    from ldm.model import evaluating
-    from ldm.runtime import preserved_rng
+    from ldm.models.ldm import evaluating
+    from ldm.core.rng import preserved_rng
 
     def counted(layer, run):
         counter = Counter(layer)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
-from ldm.data import PARTS_PER_WINDOW
+from ldm.data.shards import PARTS_PER_WINDOW
 
 
 def require_positive(args, *names: str) -> None:
@@ -26,7 +26,7 @@ def parse_args(*dataclass_types):
     stops the run here with one line on stderr and exit code 2, before anything is built."""
     from paddlenlp.trainer import PdArgumentParser
 
-    from ldm.runtime import exit_on_bad_input
+    from ldm.training.runtime import exit_on_bad_input
 
     try:
         return PdArgumentParser(dataclass_types).parse_args_into_dataclasses()
@@ -136,7 +136,7 @@ class RecipeArguments:
         self.prediction_type, self.zero_terminal_snr = recipe.prediction_type, recipe.zero_terminal_snr
 
     def recipe(self):
-        from ldm.model import Recipe
+        from ldm.models.recipe import Recipe
 
         return Recipe(self.prediction_type, self.snr_gamma, self.zero_terminal_snr, self.noise_offset, self.input_perturbation,
                       self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion)

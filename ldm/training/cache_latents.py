@@ -22,8 +22,6 @@ temporary name and renamed when complete, so re-running after an interruption on
 parts not yet done.
 """
 import argparse
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -31,20 +29,13 @@ import sys
 import time
 from typing import Iterator, List, Optional, Tuple
 
-from dataclasses import dataclass
-
 import numpy as np
 
-if __package__ in (None, ""):
-    # Run as a file (paddle.distributed.launch takes a script path, not -m): import the ldm
-    # package from the repository root instead of this directory's modules as top-level ones.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ldm.data.records import SkipCounter, Skip, decode_image, format_skips, parse_line
+from ldm.data.filelists import Unit, iter_unit_lines, read_file_list
+from ldm.data.latent_records import CROP, LatentCache, cache_prefix, moments_column
 
-from ldm.data import SkipCounter, Skip, Unit, decode_image, format_skips, iter_unit_lines, parse_line, read_file_list
 
-# Which crop of the image the moments describe: the stream's (ldm.data.decode_image) shorter side
-# resized to the resolution, then centre-cropped.
-CROP = "centre"
 WEIGHT_SUFFIXES = (".safetensors", ".pdparams", ".bin")
 
 
@@ -64,53 +55,6 @@ def autoencoder_fingerprint(vae_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_prefix(fingerprint: str, resolution: int) -> str:
-    """The start of column 4 for moments of this autoencoder at this resolution."""
-    return f"{fingerprint}/{resolution}px-{CROP}/"
-
-
-@dataclass(frozen=True)
-class LatentCache:
-    """What a training stream needs to read a cache: column 4's prefix and the moments' shape."""
-
-    prefix: str
-    shape: Tuple[int, int, int]  # [2C, h, w] (C for a VQModel)
-
-
-def moments_column(prefix: str, moments: np.ndarray, size: Tuple[int, int]) -> str:
-    """Column 4 for one image's moments ([2C, h, w]; stored as float16) and its source size (w, h)."""
-    c, h, w = moments.shape
-    return f"{prefix}{c}x{h}x{w}/{size[0]}x{size[1]}/{base64.b64encode(moments.astype('<f2').tobytes()).decode('ascii')}"
-
-
-def read_moments(column: bytes, prefix: bytes) -> Optional[Tuple[np.ndarray, Tuple[int, int]]]:
-    """(float16 moments, source (w, h)) of a column 4 written with `prefix`; None if it has another
-    prefix (another autoencoder or resolution) or is damaged."""
-    if not column.startswith(prefix):
-        return None
-    try:
-        shape, size, data = column[len(prefix):].split(b"/", 2)
-        c, h, w = (int(v) for v in shape.split(b"x"))
-        width, height = (int(v) for v in size.split(b"x"))
-        return np.frombuffer(binascii.a2b_base64(data, strict_mode=True), dtype="<f2").reshape(c, h, w), (width, height)
-    except ValueError:  # binascii.Error is a ValueError; so are a bad shape and a wrong byte count
-        return None
-
-
-def cached_record(raw: bytes, prefix: bytes) -> Optional[Tuple[str, np.ndarray, Tuple[int, int]]]:
-    """(caption, moments, source (w, h)) of a raw part line whose column 4 holds moments written
-    with `prefix`; None otherwise (no column 4, another prefix, damaged)."""
-    fields = raw.rstrip(b"\r\n").split(b"\t", 4)
-    if len(fields) < 4:
-        return None
-    found = read_moments(fields[3], prefix)
-    if found is None:
-        return None
-    try:
-        return fields[0].decode("utf-8"), found[0], found[1]
-    except UnicodeDecodeError:
-        return None
-
 
 def vae_directory(model_args) -> str:
     """The autoencoder directory a training run uses (its pipeline's vqvae/ with --model_name_or_path)."""
@@ -121,7 +65,7 @@ def vae_directory(model_args) -> str:
 
 def first_columns(file_list: str, lines: int = 50) -> Iterator[Tuple[str, Optional[bytes]]]:
     """(filelist, column 4 of the first of its first existing part's first `lines` lines that has one, or None)."""
-    from ldm.data import open_part
+    from ldm.data.filelists import open_part
 
     for entry in read_file_list(file_list):
         column = None
@@ -179,7 +123,7 @@ def cache_part(vae, part: str, output: str, resolution: int, prefix: str, batch_
     """Copy one part to `output` with the moments as column 4; return how many records got them."""
     import paddle
 
-    from ldm.model import posterior_moments
+    from ldm.models.ldm import posterior_moments
 
     tmp = f"{output}.tmp-{os.getpid()}"
     cached = 0
@@ -275,8 +219,8 @@ def main(argv=None) -> int:
     import paddle.distributed as dist
     from tqdm.auto import tqdm
 
-    from ldm.model import load_autoencoder
-    from ldm.runtime import require_writable_dir, set_cpu_threads
+    from ldm.models.ldm import load_autoencoder
+    from ldm.training.runtime import require_writable_dir, set_cpu_threads
 
     world, rank = dist.get_world_size(), max(0, dist.get_rank())
     if world > 1:

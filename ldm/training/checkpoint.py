@@ -35,10 +35,10 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from ldm.checkpoint_io import (WriteFailed, decode, describe, encode, file_crc32c, fsync_dir, read_state, rng_from_json, rng_to_json, safetensors_header_error,
-                               write_json, write_safetensors, write_state)
-from ldm.runtime import any_rank
-from ldm.safeload import load_pickle, refuse
+from ldm.training.checkpoint_io import (WriteFailed, decode, describe, encode, file_crc32c, fsync_dir, read_state, rng_from_json, rng_to_json,
+                                        safetensors_header_error, write_json, write_safetensors, write_state)
+from ldm.training.runtime import any_rank
+from ldm.core.safeload import load_pickle, refuse
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -140,6 +140,63 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
         return None
     _verified.add(os.path.abspath(candidates[chosen]))
     return candidates[chosen]
+
+
+def checkpoint_to_resume(training_args) -> Optional[str]:
+    """--resume_from_checkpoint if given; else, unless --overwrite_output_dir, the newest
+    complete `checkpoint-N` in --output_dir, so re-running the same command continues the run.
+
+    Resuming an older checkpoint is a rollback: the later checkpoints in --output_dir belong to the
+    abandoned branch, and left in place the next plain re-run would resume them, not the new
+    branch. They are moved aside (`move_abandoned_checkpoints`), never deleted."""
+    from paddlenlp.utils.log import logger
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None and not training_args.overwrite_output_dir:
+        resume = latest_checkpoint(training_args.output_dir)
+    if resume:
+        if not os.path.isdir(resume):
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a directory")
+        if training_args.resume_from_checkpoint is not None:
+            move_abandoned_checkpoints(training_args.output_dir, resume)
+        logger.info(f"Resuming from {resume}")
+    return resume
+
+
+def move_abandoned_checkpoints(output_dir: str, resume: str) -> list:
+    """Move the checkpoints of `output_dir` later than `resume` to `output_dir/abandoned/checkpoint-N-<UTC time>`.
+
+    Rank 0 moves; the other ranks wait for it in a one-number all-reduce (which also tells them
+    whether it failed), so every rank then sees the same checkpoints. Returns the new paths.
+    """
+    import time
+
+    import paddle.distributed as dist
+    from paddlenlp.utils.log import logger
+
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume)))
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not named checkpoint-N; cannot tell which checkpoints come after it")
+    step = int(match.group(1))
+    moved, error = [], None
+    if max(0, dist.get_rank()) == 0:
+        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        later = [path for path in complete_checkpoints(output_dir) if int(CHECKPOINT_RE.match(os.path.basename(path)).group(1)) > step]
+        try:
+            for path in later:
+                target = os.path.join(output_dir, "abandoned", f"{os.path.basename(path)}-{when}")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(path, target)
+                moved.append(target)
+        except OSError as e:
+            error = e
+        if moved:
+            logger.info(f"Rolled back to {os.path.basename(os.path.normpath(resume))}: moved {len(moved)} later checkpoint(s) of the "
+                        f"abandoned branch to {os.path.join(output_dir, 'abandoned')} ({', '.join(os.path.basename(m) for m in moved)})")
+    if any_rank(error is not None):
+        raise ValueError(f"could not move the checkpoints after {resume} aside in {output_dir}: "
+                         f"{error.strerror if error is not None else 'rank 0 failed (its log says why)'}; fix the directory and re-run")
+    return moved
 
 
 def require_good_checkpoint(path: str, trust_pickle: bool) -> None:
@@ -326,16 +383,6 @@ def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progr
 
 # -- reading -----------------------------------------------------------------------------------
 
-def check_state_shapes(model, state: dict, source: str) -> None:
-    """Stop at start-up, naming the tensor, when a saved weight does not fit the model (instead of
-    paddle's warning, after which training would go on with the fresh weight)."""
-    own = model.state_dict()
-    for name, value in state.items():
-        if name in own and tuple(value.shape) != tuple(own[name].shape):
-            raise ValueError(f"{source}: weight {name} has shape {list(value.shape)} but the model's is {list(own[name].shape)}; "
-                             "resume with the same model config (or start a new --output_dir)")
-
-
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -355,6 +402,8 @@ def load_weights(path: str, model, trust_pickle: bool = False) -> dict:
     missing = set(checkpoint_weights(model)) - set(weights)
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} weights (e.g. {sorted(missing)[0]}); it belongs to a different model")
+    from ldm.models.ldm import check_state_shapes  # here: the model module imports ppdiffusers
+
     check_state_shapes(model, weights, f"checkpoint {path}")
     return weights
 
@@ -474,7 +523,7 @@ def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int,
     (ValueError, one line naming what changed and what to do)."""
     from paddlenlp.utils.log import logger
 
-    from ldm.data import fingerprint_changes, order_fingerprint
+    from ldm.data.filelists import fingerprint_changes, order_fingerprint
 
     saved_order = saved_data_order(checkpoint_dir)
     # Compared with the full listing on every rank, so each names the same parts.
@@ -509,7 +558,7 @@ def resume_data_stream(stream, checkpoint_dir: str, rank: int, num_workers: int,
 
 def highest_saved_pass(checkpoint_dir: str) -> int:
     """The highest pass of any filelist any worker of any rank had reached in a checkpoint."""
-    from ldm.data import CURSOR_FIELDS
+    from ldm.data.shards import CURSOR_FIELDS
 
     highest = 0
     for name in os.listdir(checkpoint_dir):

@@ -1,6 +1,5 @@
 """Process-level set-up shared by the entry scripts: CPU threads, RNG streams, start-up errors,
 resume, and what the ranks agree on at every step."""
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -49,67 +48,6 @@ def exit_on_bad_input(error: Exception) -> None:
     sys.exit(2)
 
 
-def checkpoint_to_resume(training_args) -> Optional[str]:
-    """--resume_from_checkpoint if given; else, unless --overwrite_output_dir, the newest
-    complete `checkpoint-N` in --output_dir, so re-running the same command continues the run.
-
-    Resuming an older checkpoint is a rollback: the later checkpoints in --output_dir belong to the
-    abandoned branch, and left in place the next plain re-run would resume them, not the new
-    branch. They are moved aside (`move_abandoned_checkpoints`), never deleted."""
-    from paddlenlp.utils.log import logger
-
-    from ldm.checkpoint import latest_checkpoint
-
-    resume = training_args.resume_from_checkpoint
-    if resume is None and not training_args.overwrite_output_dir:
-        resume = latest_checkpoint(training_args.output_dir)
-    if resume:
-        if not os.path.isdir(resume):
-            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a directory")
-        if training_args.resume_from_checkpoint is not None:
-            move_abandoned_checkpoints(training_args.output_dir, resume)
-        logger.info(f"Resuming from {resume}")
-    return resume
-
-
-def move_abandoned_checkpoints(output_dir: str, resume: str) -> list:
-    """Move the checkpoints of `output_dir` later than `resume` to `output_dir/abandoned/checkpoint-N-<UTC time>`.
-
-    Rank 0 moves; the other ranks wait for it in a one-number all-reduce (which also tells them
-    whether it failed), so every rank then sees the same checkpoints. Returns the new paths.
-    """
-    import time
-
-    import paddle.distributed as dist
-    from paddlenlp.utils.log import logger
-
-    from ldm.checkpoint import CHECKPOINT_RE, complete_checkpoints
-
-    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume)))
-    if match is None:
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not named checkpoint-N; cannot tell which checkpoints come after it")
-    step = int(match.group(1))
-    moved, error = [], None
-    if max(0, dist.get_rank()) == 0:
-        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        later = [path for path in complete_checkpoints(output_dir) if int(CHECKPOINT_RE.match(os.path.basename(path)).group(1)) > step]
-        try:
-            for path in later:
-                target = os.path.join(output_dir, "abandoned", f"{os.path.basename(path)}-{when}")
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(path, target)
-                moved.append(target)
-        except OSError as e:
-            error = e
-        if moved:
-            logger.info(f"Rolled back to {os.path.basename(os.path.normpath(resume))}: moved {len(moved)} later checkpoint(s) of the "
-                        f"abandoned branch to {os.path.join(output_dir, 'abandoned')} ({', '.join(os.path.basename(m) for m in moved)})")
-    if any_rank(error is not None):
-        raise ValueError(f"could not move the checkpoints after {resume} aside in {output_dir}: "
-                         f"{error.strerror if error is not None else 'rank 0 failed (its log says why)'}; fix the directory and re-run")
-    return moved
-
-
 def log_startup(model, per_device_batch: int, accumulation: int, world_size: int, num_workers: int, threads: int, stream=None) -> None:
     """What a user checks first: sizes, effective batch, and how the data is sharded (STYLE 11)."""
     from paddlenlp.utils.log import logger
@@ -154,24 +92,6 @@ def seed_rank_streams(seed: int, rank: int) -> None:
     random.seed(rank_seed)
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a block (image logging, evaluation) without touching the training RNG.
-
-    ppdiffusers' `paddle.Generator().manual_seed` calls `paddle.seed`, which reseeds the global
-    CPU generator (and, on a GPU, restores only the CUDA one): without this, noise and timesteps
-    would repeat every --image_logging_steps on a CPU build.
-    """
-    cpu = paddle.get_rng_state()
-    cuda = paddle.get_cuda_rng_state() if paddle.is_compiled_with_cuda() else None
-    try:
-        yield
-    finally:
-        paddle.set_rng_state(cpu)
-        if cuda is not None:
-            paddle.set_cuda_rng_state(cuda)
-
-
 class Preemption:
     """SIGTERM (a cluster's preemption notice) asks the loop to finish its step, save a
     checkpoint and exit 0; re-running the command continues from that checkpoint.
@@ -187,7 +107,7 @@ class Preemption:
     def __init__(self):
         import signal
 
-        from ldm.data import end_workers_at_exit
+        from ldm.data.progress import end_workers_at_exit
 
         self.requested = False
         signal.signal(signal.SIGTERM, self._on_signal)

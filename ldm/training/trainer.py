@@ -33,15 +33,17 @@ from paddlenlp.trainer.utils.helper import broadcast_dp_optimizer
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file
 
-from ldm.checkpoint import (CheckpointWriteError, check_state_shapes, checkpoint_weights, data_position_file, load_optimizer_state,
-                            load_rng_state, load_small_state, load_weights, require_good_checkpoint, resume_data_stream, save_atomically,
-                            set_weights, write_args, write_weights)
-from ldm.checkpoint_io import encode, restore_stock_rng, rng_to_json, write_file, write_json, write_state
-from ldm.data import StreamProgress, init_worker
-from ldm.ema import EMA, maybe_applied
-from ldm.logger import RunLogger
-from ldm.runtime import StepAgreement, exit_on_bad_input, preserved_rng, seed_rank_streams, skip_warning
-from ldm.safeload import load_pickle
+from ldm.training.checkpoint import (CheckpointWriteError, checkpoint_weights, data_position_file, load_optimizer_state, load_rng_state,
+                                     load_small_state, load_weights, require_good_checkpoint, resume_data_stream, save_atomically, set_weights,
+                                     write_args, write_weights)
+from ldm.models.ldm import check_state_shapes
+from ldm.training.checkpoint_io import encode, restore_stock_rng, rng_to_json, write_file, write_json, write_state
+from ldm.data.progress import StreamProgress, init_worker
+from ldm.training.ema import EMA, maybe_applied
+from ldm.training.logger import RunLogger
+from ldm.training.runtime import StepAgreement, exit_on_bad_input, seed_rank_streams, skip_warning
+from ldm.core.rng import preserved_rng
+from ldm.core.safeload import load_pickle
 
 
 def _unwrap(model):

@@ -17,7 +17,7 @@ def fixed_log_batch(file_list: str, resolution: int, count: int = 8, tokenizer=N
     None if the data has no readable record (the training stream then stops with the reason)."""
     import paddle
 
-    from ldm.data import TextImageStream
+    from ldm.data.stream import TextImageStream
 
     stream = TextImageStream(file_list, resolution, seed=seed, rank=0, world_size=1)
     records = list(itertools.islice(stream.records(stream.shard_stream(0, 1)), count))
@@ -25,7 +25,7 @@ def fixed_log_batch(file_list: str, resolution: int, count: int = 8, tokenizer=N
         return None
     batch = {"pixel_values": paddle.to_tensor(np.stack([r["pixel_values"] for r in records]))}
     if tokenizer is not None:
-        from ldm.tokenizer import CaptionEncoder
+        from ldm.data.tokenizer import CaptionEncoder
 
         captions = list(prompts) if prompts else [r["caption"] for r in records]
         encode = CaptionEncoder(tokenizer, max_length)
@@ -48,7 +48,7 @@ class Validator:
     def __init__(self, model, file_list: str, count: int, resolution: int, batch_size: int, seed: int = 0):
         import paddle
 
-        from ldm.model import evaluating
+        from ldm.models.ldm import evaluating
 
         batch = fixed_log_batch(file_list, resolution, count, model.tokenizer, model.tokenizer.model_max_length, seed=seed)
         if batch is None:
@@ -68,7 +68,7 @@ class Validator:
     def _encode(self, pixel_values):
         import paddle
 
-        from ldm.model import to_model_range
+        from ldm.models.ldm import to_model_range
 
         vae = self.model.vae
         with paddle.amp.auto_cast(enable=False):
@@ -81,7 +81,8 @@ class Validator:
         """{"validation/loss": ..., "validation/loss_q1" ... "_q4": ...} for the model's current weights."""
         import paddle
 
-        from ldm.model import evaluating, training_target
+        from ldm.models.ldm import evaluating
+        from ldm.models.recipe import training_target
 
         model, scheduler = self.model, self.model.noise_scheduler
         per_record = []
