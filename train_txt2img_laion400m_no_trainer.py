@@ -18,7 +18,8 @@ from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm.training.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
-from ldm.training.checkpoint import CheckpointWriteError, checkpoint_to_resume, load_checkpoint, resume_data_stream, save_checkpoint
+from ldm.training.checkpoint import CheckpointWriteError, checkpoint_to_resume, load_checkpoint, save_checkpoint
+from ldm.training.data_position import resume_data_stream
 from ldm.evaluation.export import save_final
 from ldm.data.progress import StreamProgress, as_paddle_dataset, init_worker
 from ldm.training.ema import EMA, maybe_applied

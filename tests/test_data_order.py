@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_parts, run_script, write_lists
 from conftest import loop_resume_args as no_trainer_args
-from ldm.training import checkpoint
+from ldm.training import checkpoint, data_position
 from ldm.data.progress import StreamProgress, pack_bookkeeping
 from ldm.data.stream import TextImageStream
 
@@ -31,7 +31,7 @@ def save_position(stream, ckpt, records=5, resolution=32):
     for sample in (s for _, s in zip(range(records), stream)):
         progress.update(pack_bookkeeping(sample))
     os.makedirs(ckpt, exist_ok=True)
-    with open(checkpoint.data_position_file(str(ckpt), 0), "w") as f:
+    with open(data_position.data_position_file(str(ckpt), 0), "w") as f:
         json.dump(progress.state_dict(), f)
     with open(os.path.join(ckpt, "args.json"), "w") as f:
         json.dump({"resolution": resolution, "aspect_ratio_buckets": False}, f)
@@ -39,7 +39,7 @@ def save_position(stream, ckpt, records=5, resolution=32):
 
 
 def resume(stream, ckpt, ignore_data_skip=False):
-    return checkpoint.resume_data_stream(stream, str(ckpt), 0, 0, ignore_data_skip)
+    return data_position.resume_data_stream(stream, str(ckpt), 0, 0, ignore_data_skip)
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -107,7 +107,7 @@ def test_a_checkpoint_without_fingerprint_resumes_with_a_warning(tmp_path):
     file_list, _ = make_data(tmp_path)
     saved = save_position(stream_of(file_list), tmp_path / "checkpoint-4")
     del saved["data_order"]
-    with open(checkpoint.data_position_file(str(tmp_path / "checkpoint-4"), 0), "w") as f:
+    with open(data_position.data_position_file(str(tmp_path / "checkpoint-4"), 0), "w") as f:
         json.dump(saved, f)
     stream = stream_of(file_list, buffer_size=16)
     assert resume(stream, tmp_path / "checkpoint-4") == saved

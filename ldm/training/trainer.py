@@ -33,9 +33,9 @@ from paddlenlp.trainer.utils.helper import broadcast_dp_optimizer
 from paddlenlp.utils.log import logger
 from safetensors.numpy import load_file
 
-from ldm.training.checkpoint import (CheckpointWriteError, checkpoint_weights, data_position_file, load_optimizer_state, load_rng_state,
-                                     load_small_state, load_weights, require_good_checkpoint, resume_data_stream, save_atomically, set_weights,
-                                     write_args, write_weights)
+from ldm.training.checkpoint import (CheckpointWriteError, checkpoint_weights, load_optimizer_state, load_rng_state, load_small_state, load_weights,
+                                     require_good_checkpoint, save_atomically, set_weights, write_args, write_weights)
+from ldm.training.data_position import data_position_file, resume_data_stream
 from ldm.models.ldm import check_state_shapes
 from ldm.training.checkpoint_io import encode, restore_stock_rng, rng_to_json, write_file, write_json, write_state
 from ldm.data.progress import StreamProgress, init_worker
