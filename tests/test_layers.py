@@ -16,7 +16,7 @@ LINT_IMPORTS = os.path.join(os.path.dirname(sys.executable), "lint-imports")
 
 
 def import_cycles(graph) -> list:
-    """The strongly connected components of more than one module (Tarjan), i.e. every import cycle."""
+    """The strongly connected components of more than one module (Tarjan), and modules importing themselves: every import cycle."""
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
 
     def visit(module):
@@ -37,7 +37,7 @@ def import_cycles(graph) -> list:
                 component.append(member)
                 if member == module:
                     break
-            if len(component) > 1:
+            if len(component) > 1 or module in graph.find_modules_directly_imported_by(module):  # a module importing itself too
                 cycles.append(sorted(component))
 
     for module in sorted(graph.modules):

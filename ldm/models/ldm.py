@@ -108,7 +108,6 @@ def load_text_encoder(path: str, trust_pickle: bool = False) -> LDMBertModel:
     (`pytorch_model.bin`, `model_state.pdparams`) only with `trust_pickle`."""
     from safetensors import safe_open
 
-    from ldm.models.ldm import check_state_shapes
     from ldm.core.safeload import check_weights_dir
 
     check_weights_dir(path, trust_pickle, "--model_name_or_path bert/")
