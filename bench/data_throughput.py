@@ -44,7 +44,7 @@ from PIL import Image
 from isal import igzip
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm.data import b64decode  # noqa: E402  (the limit decodes base64 as ours does)
+from ldm.data.records import b64decode  # noqa: E402  (the limit decodes base64 as ours does
 
 
 def photo_like(rng, w, h):
@@ -126,8 +126,9 @@ def ours_rate(file_list, tokenizer, resolution, workers, n):
     once a run and reported apart."""
     from paddle.io import DataLoader
 
-    from ldm.data import TextImageStream, as_paddle_dataset, init_worker
-    from ldm.runtime import set_cpu_threads
+    from ldm.data.stream import TextImageStream
+    from ldm.data.progress import as_paddle_dataset, init_worker
+    from ldm.training.runtime import set_cpu_threads
 
     # As the training scripts set them up: K worker processes of one thread each, and the
     # consuming process with the cores they leave.
@@ -157,7 +158,7 @@ def main():
     args = parser.parse_args()
     parts = args.parts or 2 * math.lcm(*args.workers)
 
-    from ldm.tokenizer import build_vocab, write_tokenizer
+    from ldm.data.tokenizer import build_vocab, write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         print(f"writing {args.records} photo-like JPEGs (300-1000 px sides) into {parts} parts ...", flush=True)
