@@ -25,6 +25,7 @@ from ldm.models.discriminator import NLayerDiscriminator
 from ldm.training.ema import maybe_applied
 from ldm.training.checkpoint import checkpoint_to_resume
 from ldm.training.runtime import exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, set_cpu_threads
+from ldm.core.files import safetensors_as_umask_allows
 from ldm.training.validation import fixed_log_batch
 
 
@@ -117,6 +118,7 @@ def main():
             scaling = model.measure_scaling_factor(batches)
             model.vae.register_to_config(scaling_factor=scaling)
             model.vae.save_pretrained(training_args.output_dir)
+            safetensors_as_umask_allows(training_args.output_dir)
             psnr = validator.measure()["psnr"] if validator is not None else None
         logger.info(f"Saved AutoencoderKL to {training_args.output_dir} (scaling_factor {scaling:.5f})")
         # The one number to compare autoencoders by (printed, not only logged):

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ldm.core.files import safetensors_as_umask_allows
 from ldm.evaluation.model_card import diffusers_caveat
 
 FORMATS = ("paddle", "diffusers", "both")
@@ -47,8 +48,10 @@ def save_layout(pipe, output_dir: str, layout: str) -> None:
     """Write `pipe` in one layout ('paddle' or 'diffusers')."""
     if layout == "paddle":
         pipe.save_pretrained(output_dir)
+        safetensors_as_umask_allows(output_dir)
         return
     pipe.save_pretrained(output_dir, to_diffusers=True)
+    safetensors_as_umask_allows(output_dir)
     caveat = diffusers_caveat(pipe)
     if caveat:
         print(f"warning: {output_dir}: {caveat}", file=sys.stderr)

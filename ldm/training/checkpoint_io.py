@@ -25,6 +25,8 @@ from typing import Callable, Dict, Tuple
 import crc32c
 import numpy as np
 
+from ldm.core.files import as_umask_allows
+
 CHUNK = 16 << 20  # read-back size for the checksum: large enough to stream at disk speed, small next to a 6 GB file
 
 
@@ -70,6 +72,7 @@ def write_file(path: str, write: Callable[[str], None]) -> Tuple[int, int]:
     tmp = path + ".part"
     try:
         write(tmp)
+        as_umask_allows(tmp)  # the safetensors writer makes 0600 files: ldm.core.files
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
