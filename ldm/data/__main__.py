@@ -41,7 +41,8 @@ def main(argv=None):
     parser.add_argument("--world_size", type=int, default=1, help="Number of training processes the data is sharded over.")
     parser.add_argument("--num_workers", type=int, default=0, help="Dataloader workers per rank; 0 means the main process reads (one shard).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the part order and the shuffle.")
-    parser.add_argument("--buffer_size", type=int, default=1000, help="Lines read and shuffled together (--shuffle_buffer of the training scripts).")
+    # --shuffle_buffer is the training scripts' name, so a run's flags can be pasted here; --buffer_size kept for old commands.
+    parser.add_argument("--shuffle_buffer", "--buffer_size", dest="shuffle_buffer", type=int, default=1000, help="Lines read and shuffled together (as the training scripts' flag).")
     parser.add_argument("--parts_per_window", type=int, default=PARTS_PER_WINDOW, help="Parts each worker reads side by side into one shuffle window.")
     parser.add_argument("--max_aspect_ratio", type=float, default=None, help="Skip images whose longer side is over this many times the shorter; unset keeps all.")
     parser.add_argument("--aspect_ratio_buckets", action="store_true", help="Crop each image to the aspect-ratio bucket nearest its own (width/height report the bucket).")
@@ -50,14 +51,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")
-    for flag in ("resolution", "buffer_size", "parts_per_window", "bucket_step"):
+    for flag in ("resolution", "shuffle_buffer", "parts_per_window", "bucket_step"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
     if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
         parser.error(f"--max_aspect_ratio must be >= 1 (longer side over shorter), got {args.max_aspect_ratio}")
     try:
         read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed,
-                                   args.buffer_size, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio,
+                                   args.shuffle_buffer, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio,
                                    aspect_ratio_buckets=args.aspect_ratio_buckets, bucket_step=args.bucket_step,
                                    allow_missing_parts=args.allow_missing_parts)
     except ValueError as e:
