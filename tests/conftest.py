@@ -156,6 +156,21 @@ def straight_trainer_run(shapes, vae_dir):
     return _train_once(shapes["root"], "straight_trainer", lambda out: trainer_resume_args(shapes, vae_dir, out, RESUME_STEPS))
 
 
+@pytest.fixture(scope="session")
+def nonfinite_trainer_run(shapes, vae_dir):
+    """The Trainer script at a learning rate of 1e30 (trainer_nan_args) until its third non-finite
+    step in a row stops it: (output dir, CompletedProcess). Read by test_failures and
+    test_nonfinite_steps, which asked for this same run each."""
+    out = shapes["root"] / "nonfinite_trainer"
+    return out, run_script(trainer_nan_args(shapes, vae_dir, out), timeout=600)
+
+
+def trainer_nan_args(shapes, vae, out, extra=()):
+    """A learning rate of 1e30 blows the weights up in step 1; later steps are non-finite and skipped."""
+    return ldm_args(shapes, vae, out, 20, ["--learning_rate", "1e30", "--save_steps", "1", "--save_total_limit", "2",
+                                           "--max_nonfinite_steps", "3", "--image_logging_steps", "0", *extra])
+
+
 # -- Shared two-process runs (paddle.distributed.launch, gloo on the CPU) ---------------------
 
 def launch(args, log_dir):
