@@ -1,10 +1,13 @@
 """Shared fixtures: tiny generated datasets and helpers that run the real scripts."""
 import base64
+import fcntl
 import gzip
 import io
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -51,27 +54,59 @@ def make_parts(tmp_path, num_parts, records_per_part, size=(40, 36)):
     return parts
 
 
+def once_per_run(tmp_path_factory, name, make):
+    """`make(directory)`'s JSON-able result, made once for the whole pytest run.
+
+    Under pytest-xdist (`make test` runs `-n 2`) every worker is a session of its own, so a plain
+    session fixture would train the autoencoder and every shared run once per worker. There the
+    first worker to ask makes it in the directory all workers share, holding a lock on it; the
+    others wait on the lock and read the result it recorded (or its failure)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, beside every worker's popen-gwK/
+    record = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        if not record.is_file():
+            directory = shared / name
+            directory.mkdir()
+            try:
+                record.write_text(json.dumps({"result": make(directory)}))
+            except BaseException as error:
+                record.write_text(json.dumps({"error": f"{type(error).__name__}: {error}"}))
+                raise
+    made = json.loads(record.read_text())
+    if "error" in made:
+        pytest.fail(f"the shared fixture {name} failed on another worker: {made['error']}")
+    return made["result"]
+
+
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """A small built-in shapes dataset and a tokenizer built from it (session-wide)."""
     from ldm.data.sample_data import write_sample_dataset
     from ldm.data.tokenizer import build_vocab, iter_captions, write_tokenizer
 
-    root = tmp_path_factory.mktemp("shapes")
-    file_list = write_sample_dataset(str(root / "data"), num_parts=2, records_per_part=64, size=40, seed=1)
-    tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), str(root / "tokenizer"), model_max_length=16)
-    return {"root": root, "file_list": file_list, "tokenizer": tokenizer}
+    def make(root):
+        file_list = write_sample_dataset(str(root / "data"), num_parts=2, records_per_part=64, size=40, seed=1)
+        tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), str(root / "tokenizer"), model_max_length=16)
+        return {"root": str(root), "file_list": file_list, "tokenizer": tokenizer}
+
+    made = once_per_run(tmp_path_factory, "shapes", make)
+    return dict(made, root=Path(made["root"]))
 
 
 @pytest.fixture(scope="session")
-def vae_dir(shapes):
-    out = shapes["root"] / "vae"
-    res = run_script(["train_vae.py", "--do_train", "--file_list", shapes["file_list"], "--output_dir", str(out),
-                      "--resolution", "32", "--max_steps", "6", "--vae_config_file", "config/tiny/vae.json",
-                      "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
-                      "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2", "--use_ema", "--ema_decay", "0.9"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+def vae_dir(shapes, tmp_path_factory):
+    def make(out):
+        res = run_script(["train_vae.py", "--do_train", "--file_list", shapes["file_list"], "--output_dir", str(out),
+                          "--resolution", "32", "--max_steps", "6", "--vae_config_file", "config/tiny/vae.json",
+                          "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "2",
+                          "--save_steps", "3", "--image_logging_steps", "3", "--scaling_batches", "2", "--use_ema", "--ema_decay", "0.9"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        return str(out)
+
+    return Path(once_per_run(tmp_path_factory, "vae", make))
 
 
 def ldm_args(shapes, vae_dir, out, max_steps, extra=()):
@@ -93,24 +128,28 @@ def stock_pipeline_dir(shapes, tmp_path_factory):
     from ppdiffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
     from ppdiffusers.transformers import BertTokenizer
 
-    tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
-    vae = AutoencoderKL(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, norm_num_groups=8, layers_per_block=1)
-    bert = LDMBertModel(LDMBertConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, d_model=32,
-                                      encoder_layers=1, encoder_attention_heads=2, head_dim=16, encoder_ffn_dim=64))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
-    out = tmp_path_factory.mktemp("stock") / "pipeline"
-    LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler).save_pretrained(str(out))
-    return out
+    def make(root):
+        tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
+        vae = AutoencoderKL(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                            latent_channels=4, norm_num_groups=8, layers_per_block=1)
+        bert = LDMBertModel(LDMBertConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, d_model=32,
+                                          encoder_layers=1, encoder_attention_heads=2, head_dim=16, encoder_ffn_dim=64))
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+        out = root / "pipeline"
+        LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler).save_pretrained(str(out))
+        return str(out)
+
+    return Path(once_per_run(tmp_path_factory, "stock", make))
 
 
 # -- Shared training runs ------------------------------------------------------------------
-# Each training configuration runs once per session: several test files read the same run's
-# output (checkpoints, exported pipeline) and must only read it. A test that continues a run
-# copies it first (shutil.copytree) so the shared directory stays as the run left it.
+# Each training configuration runs once per pytest run (once_per_run: not once per xdist worker):
+# several test files read the same run's output (checkpoints, exported pipeline) and must only read
+# it. A test that continues a run copies it first (shutil.copytree) so the shared directory stays
+# as the run left it.
 
 RESUME_STEPS = 8  # the straight runs' length: long enough to interrupt at step 2 and resume
 
@@ -135,25 +174,47 @@ def trainer_resume_args(shapes, vae, out, steps, extra=()):
                                               "--use_ema", "--ema_decay", "0.9", *extra])
 
 
-def _train_once(root, name, args):
-    out = root / name
-    res = run_script(args(out))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+def _train_once(tmp_path_factory, name, args):
+    def make(root):
+        out = root / "out"
+        res = run_script(args(out))
+        assert res.returncode == 0, res.stderr[-3000:]
+        return str(out)
+
+    return Path(once_per_run(tmp_path_factory, name, make))
 
 
 @pytest.fixture(scope="session")
-def straight_loop_run(shapes, vae_dir):
+def straight_loop_run(shapes, vae_dir, tmp_path_factory):
     """8 uninterrupted steps of the explicit loop (loop_resume_args): checkpoint-7, checkpoint-8 and
     the exported pipeline (EMA weights of step 8). Read by test_resume_exact and test_generate."""
-    return _train_once(shapes["root"], "straight_loop", lambda out: loop_resume_args(shapes, vae_dir, out, RESUME_STEPS))
+    return _train_once(tmp_path_factory, "straight_loop", lambda out: loop_resume_args(shapes, vae_dir, out, RESUME_STEPS))
 
 
 @pytest.fixture(scope="session")
-def straight_trainer_run(shapes, vae_dir):
+def straight_trainer_run(shapes, vae_dir, tmp_path_factory):
     """The same with the Trainer script (checkpoints hold model.safetensors, as the explicit loop's). Read by
     test_resume_exact, test_train_e2e and test_generate."""
-    return _train_once(shapes["root"], "straight_trainer", lambda out: trainer_resume_args(shapes, vae_dir, out, RESUME_STEPS))
+    return _train_once(tmp_path_factory, "straight_trainer", lambda out: trainer_resume_args(shapes, vae_dir, out, RESUME_STEPS))
+
+
+@pytest.fixture(scope="session")
+def nonfinite_trainer_run(shapes, vae_dir, tmp_path_factory):
+    """The Trainer script at a learning rate of 1e30 (trainer_nan_args) until its third non-finite
+    step in a row stops it: (output dir, CompletedProcess). Read by test_failures and
+    test_nonfinite_steps, which asked for this same run each."""
+    def make(root):
+        res = run_script(trainer_nan_args(shapes, vae_dir, root / "out"), timeout=600)
+        return {"out": str(root / "out"), "args": res.args, "returncode": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+
+    made = once_per_run(tmp_path_factory, "nonfinite_trainer", make)
+    return Path(made["out"]), subprocess.CompletedProcess(made["args"], made["returncode"], made["stdout"], made["stderr"])
+
+
+def trainer_nan_args(shapes, vae, out, extra=()):
+    """A learning rate of 1e30 blows the weights up in step 1; later steps are non-finite and skipped."""
+    return ldm_args(shapes, vae, out, 20, ["--learning_rate", "1e30", "--save_steps", "1", "--save_total_limit", "2",
+                                           "--max_nonfinite_steps", "3", "--image_logging_steps", "0", *extra])
 
 
 # -- Shared two-process runs (paddle.distributed.launch, gloo on the CPU) ---------------------
@@ -169,14 +230,16 @@ def launch(args, log_dir):
 @pytest.fixture(scope="session")
 def same_records(tmp_path_factory):
     """Two parts of one repeated record: every rank's batches are identical, whatever the sharding."""
-    root = tmp_path_factory.mktemp("same")
-    image = jpeg_b64((40, 40), (200, 40, 40))
-    parts = []
-    for p in range(2):
-        path = str(root / f"part-{p:05d}.gz")
-        write_part(path, [f"a red square on a blue background\t_\t{image}"] * 24)
-        parts.append(path)
-    return write_lists(root, parts)
+    def make(root):
+        image = jpeg_b64((40, 40), (200, 40, 40))
+        parts = []
+        for p in range(2):
+            path = str(root / f"part-{p:05d}.gz")
+            write_part(path, [f"a red square on a blue background\t_\t{image}"] * 24)
+            parts.append(path)
+        return write_lists(root, parts)
+
+    return once_per_run(tmp_path_factory, "same", make)
 
 
 def dp_loop_args(shapes, vae, file_list, out, steps, extra=()):
@@ -206,9 +269,12 @@ def two_process_runs(shapes, vae_dir, same_records, tmp_path_factory):
     {"no_trainer" | "trainer": {"out": output dir, "logs": [workerlog.0, workerlog.1]}}. Read by
     test_distributed_correctness (the weights of step 2) and test_multiprocess (sync, sharding,
     logs, then a resume on a copy)."""
-    root = tmp_path_factory.mktemp("two_process")
-    runs = {}
-    for kind, make in (("no_trainer", dp_loop_args), ("trainer", dp_trainer_args)):
-        out = root / kind
-        runs[kind] = {"out": out, "logs": launch(make(shapes, vae_dir, same_records, out, 4), root / f"logs_{kind}")}
-    return runs
+    def make(root):
+        runs = {}
+        for kind, args in (("no_trainer", dp_loop_args), ("trainer", dp_trainer_args)):
+            out = root / kind
+            runs[kind] = {"out": str(out), "logs": launch(args(shapes, vae_dir, same_records, out, 4), root / f"logs_{kind}")}
+        return runs
+
+    runs = once_per_run(tmp_path_factory, "two_process", make)
+    return {kind: dict(run, out=Path(run["out"])) for kind, run in runs.items()}

@@ -11,12 +11,11 @@ from ldm.training import checkpoint, data_position
 from ldm.data.progress import StreamProgress
 
 
-def test_nonfinite_losses_skip_steps_then_stop_with_a_message(shapes, vae_dir, tmp_path):
+def test_nonfinite_losses_skip_steps_then_stop_with_a_message(nonfinite_trainer_run):
     """A learning rate of 1e30 blows the weights up after the first step; every later loss is
-    non-finite, each such step is skipped, and the third in a row stops the run cleanly."""
-    out = tmp_path / "nan"
-    res = run_script(ldm_args(shapes, vae_dir, out, 20, ["--learning_rate", "1e30", "--save_steps", "1", "--max_nonfinite_steps", "3",
-                                                          "--image_logging_steps", "0"]))
+    non-finite, each such step is skipped, and the third in a row stops the run cleanly. (The
+    session's run, conftest.nonfinite_trainer_run, shared with test_nonfinite_steps.)"""
+    out, res = nonfinite_trainer_run
     assert res.returncode == 1, res.stderr[-2000:]
     assert "3 optimizer steps in a row had a non-finite loss" in res.stderr
     assert "non-finite loss, skipping this optimizer step" in res.stdout + res.stderr

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, ldm_args, run_script
+from conftest import ROOT, run_script, trainer_nan_args
 from test_preemption_launcher import communicate, no_trainer_args, worker_log
 
 AGREEMENT = textwrap.dedent("""
@@ -67,11 +67,6 @@ def test_one_rank_with_an_infinite_gradient_makes_every_rank_skip(tmp_path):
     assert [(v["rank"], v["skip"], v["reason"]) for v in found] == [(0, True, "gradients"), (1, True, "gradients")]
 
 
-def trainer_nan_args(shapes, vae, out, extra=()):
-    return ldm_args(shapes, vae, out, 20, ["--learning_rate", "1e30", "--save_steps", "1", "--save_total_limit", "2",
-                                           "--max_nonfinite_steps", "3", "--image_logging_steps", "0", *extra])
-
-
 def no_trainer_nan_args(shapes, vae, out, extra=()):
     args = no_trainer_args(shapes, vae, out)
     for flag, value in (("--learning_rate", "1e30"), ("--save_steps", "1"), ("--max_train_steps", "20"), ("--gradient_accumulation_steps", "1")):
@@ -87,12 +82,16 @@ def checkpoints(out):
 
 
 @pytest.mark.parametrize("kind", ["trainer", "no_trainer"])
-def test_skipped_steps_write_no_checkpoint(shapes, vae_dir, tmp_path, kind):
+def test_skipped_steps_write_no_checkpoint(request, shapes, vae_dir, tmp_path, kind):
     """A learning rate of 1e30 blows the weights up in step 1; steps 2, 3 and 4 are non-finite and
     skipped, and the third skip in a row stops the run. With --save_steps 1 --save_total_limit 2,
-    checkpoint-1 (the last step that updated) must be the only checkpoint left."""
-    out = tmp_path / "out"
-    res = run_script(NAN_ARGS[kind](shapes, vae_dir, out), timeout=600)
+    checkpoint-1 (the last step that updated) must be the only checkpoint left. (The Trainer's run
+    is the session's, conftest.nonfinite_trainer_run, which test_failures reads too.)"""
+    if kind == "trainer":
+        out, res = request.getfixturevalue("nonfinite_trainer_run")
+    else:
+        out = tmp_path / "out"
+        res = run_script(NAN_ARGS[kind](shapes, vae_dir, out), timeout=600)
     output = res.stdout + res.stderr
     assert res.returncode == 1, output[-3000:]
     # Steps 2 and 3 are skipped with a warning; the third non-finite step in a row (4) stops the run.
