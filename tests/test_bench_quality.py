@@ -23,6 +23,8 @@ def test_the_quality_benchmark_runs_both_stages_samples_and_ends_with_the_median
     shares = [float(x) for x in re.findall(r"(?:background|shape colour|shape|position) ([0-9.]+)", seed_line)]
     assert len(shares) == 4 and all(0 <= s <= 1 for s in shares)
     assert abs(np.mean(shares) - score) < 2e-3  # the seed's score is the mean of its four attribute shares
+    ceiling = lines[lines.index(seed_line) + 1]  # what the seed's autoencoder allows, by the same scorer
+    assert "autoencoder's round trip" in ceiling and 0 <= float(ceiling.rsplit("-> ", 1)[1]) <= 1
     # What the seed's run left: an exported pipeline (the stock layout), its grid and its scores.
     seed_dir = out / "seed-3"
     assert (seed_dir / "ldm" / "model_index.json").is_file() and (seed_dir / "samples.png").is_file()
