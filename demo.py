@@ -15,13 +15,10 @@ in --output_dir.
 """
 import argparse
 import os
-import subprocess
-import sys
 import time
 
-# Every caption of the sample data is 13 tokens; 16 leaves few padding tokens, which the stock
-# pipeline does not mask (they take part in LDMBert's attention).
-TOKENS = 16
+from ldm.training.runs import TOKENS, cached_latents, default_processes, run, sample_data_and_tokenizer, trainer
+
 # The stage-2 recipe (README "Quick start" has what each choice did to the scores):
 #   v-prediction: with epsilon the same budget learned no colours;
 #   zero terminal SNR: sampling starts from pure noise, where only the caption says what goes where;
@@ -46,33 +43,6 @@ PROMPTS = [
 ]
 
 
-def default_processes():
-    """One process on a GPU (this model is far too small to split); on a CPU, one per core, up to 2."""
-    import paddle
-
-    from ldm.training.runtime import usable_cores
-
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        return 1
-    return min(2, usable_cores())
-
-
-def trainer(processes, script, log_dir):
-    """The command that runs a training script on `processes` CPU processes: through
-    paddle.distributed.launch (gloo) when more than one, as a user runs it on several devices
-    (rank 0's output is shown; every rank's is in log_dir/workerlog.N)."""
-    if processes == 1:
-        return [sys.executable, script]
-    return [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(processes), "--log_dir", log_dir, script]
-
-
-def run(step, cmd):
-    print(f"\n==> {step}\n    {' '.join(cmd)}", flush=True)
-    start = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"    {step}: {time.time() - start:.0f} s", flush=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="demo_output", help="Where data, models and the grid are written.")
@@ -90,16 +60,10 @@ def main():
     if args.processes < 1 or args.batch_size % args.processes:
         parser.error(f"--batch_size {args.batch_size} must split evenly over --processes {args.processes}")
     out = args.output_dir
-    py = sys.executable
     t0 = time.time()
 
     # 1-2. Data and tokenizer:
-    file_list = os.path.join(out, "data", "train.filelist.list")
-    if not os.path.isfile(file_list):
-        run("sample data", [py, "-m", "ldm.sample_data", "--output_dir", os.path.join(out, "data"), "--num_parts", "8", "--records_per_part", "500"])
-    tokenizer = os.path.join(out, "tokenizer")
-    if not os.path.isfile(os.path.join(tokenizer, "vocab.txt")):
-        run("tokenizer", [py, "-m", "ldm.tokenizer", "--file_list", file_list, "--output_dir", tokenizer, "--model_max_length", str(TOKENS)])
+    file_list, tokenizer = sample_data_and_tokenizer(out, num_parts=8, records_per_part=500)
 
     common = ["--resolution", "32", "--per_device_train_batch_size", str(args.batch_size // args.processes),
               "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "50", "--seed", "23",
@@ -115,11 +79,7 @@ def main():
                                      # stages": 18.6 dB reconstruction PSNR after 300 steps against 15.4 dB).
                                      "--disc_weight", "0", "--adam_beta1", "0.9", "--adam_beta2", "0.999"])
     # 4. The frozen encoder's output, once for every image, so stage 2 only samples from it.
-    latents = os.path.join(out, "latents")
-    cached_list = os.path.join(latents, "train.filelist.list")
-    if not os.path.isfile(cached_list):
-        run("cache latents", [py, "-m", "ldm.cache_latents", "--file_list", file_list, "--vae_name_or_path", vae,
-                              "--resolution", "32", "--output_dir", latents])
+    cached_list = cached_latents(file_list, vae, os.path.join(out, "latents"), resolution=32)
     # 5. Stage 2. The UNet (config/demo/unet.json) reads the caption at 16x16 too, where the shape's
     # edges are drawn: with cross-attention only at 8x8 and 4x4 it drew blobs (shape 7-17/24 in 4 runs).
     ldm = os.path.join(out, "ldm")
