@@ -7,7 +7,7 @@
   5. stage 2: train LDMBert + UNet (config/demo/unet.json) with train_txt2img_laion400m_trainer.py;
   6. load the result with stock ppdiffusers LDMTextToImagePipeline and write a PNG grid,
      one row per prompt, print its path and, last, how many samples match their prompt's
-     background colour, shape colour, shape and position (ldm.sample_data.read_shape).
+     background colour, shape colour, shape and position (ldm.data.sample_data.read_shape).
 Each step is the real command-line tool, run as a subprocess, so the demo exercises exactly
 what a user runs; on a CPU the two training stages run as 2 processes through
 paddle.distributed.launch, as a multi-GPU run does. Re-running continues from what is already
@@ -99,7 +99,7 @@ def main():
     print(f"demo finished in {time.time() - t0:.0f} s")
     print(f"grid of samples (one row per prompt): {os.path.abspath(grid_path)}")
     # Samples whose background colour, shape colour, shape and position match their prompt,
-    # read from the pixels by ldm.sample_data.read_shape (SPEC section 1 fixes this line).
+    # read from the pixels by ldm.data.sample_data.read_shape (SPEC section 1 fixes this line).
     print("demo scores: " + ", ".join(f"{name} {n}/{total}" for name, n in matches.items()))
 
 

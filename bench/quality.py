@@ -9,11 +9,11 @@ For each training seed, the same commands a user runs (ldm.training.runs, as `ma
 latents cached once (python -m ldm.cache_latents), then LDMBert + UNet (config/tiny) with
 train_txt2img_laion400m_trainer.py, each script's own defaults except the budget (steps, batch,
 learning rate 1e-3) and what --stage1_args / --stage2_args add. The built-in captioned set
-(ldm.sample_data: a circle, square or triangle of one of 6 colours on a background of another,
+(ldm.data.sample_data: a circle, square or triangle of one of 6 colours on a background of another,
 on the left, in the middle or on the right, captions saying so) is written once, the same for
 every seed. The exported model is sampled with the stock LDMTextToImagePipeline (DDIM, sampling
 seed 0) for --num_prompts captions x --samples_per_prompt, and each sample is read back from its
-pixels by ldm.sample_data.read_shape, the demo's scorer: does it show the background colour,
+pixels by ldm.data.sample_data.read_shape, the demo's scorer: does it show the background colour,
 the shape colour, the shape and the position its caption asks for? The same scorer on each
 prompt's own render sent through the seed's autoencoder and back says what stage 1 allows.
 

@@ -5,7 +5,7 @@
 
 The model is `make demo`'s stage 2 (defaults: LDMBert config/tiny/ldmbert.json, UNet
 config/demo/unet.json, the f=2 autoencoder config/demo/vae.json, 32 px, 16 tokens), built by the
-training scripts' own `ldm.model.create_model`, and each step is what the scripts run from cached
+training scripts' own `ldm.training.build.create_model`, and each step is what the scripts run from cached
 latents: `loss = model(input_ids, latent_moments); loss.backward(); AdamW step; clear_grad`. The
 defaults are one of the demo's 2 processes on 2 cores: 8 images and 1 thread (weights are random:
 time and FLOPs do not depend on them).
@@ -22,7 +22,7 @@ CPU time (forward and its _grad) is put in one kind:
   other ops    every other operator: element-wise, activations, reshapes, the loss, ...;
   overhead     the step's wall time (profiled) less the operators' time: Python, the autograd
                engine's bookkeeping and the dispatch between operators.
-FLOPs per step are ldm.flops' count (3 x the forward of LDMBert and UNet per image, cached
+FLOPs per step are ldm.models.flops' count (3 x the forward of LDMBert and UNet per image, cached
 latents; docs/performance.md says what is counted), against two peaks: the cores' (nominal clock
 x fp32 FLOPs a cycle from the CPU's vector units, for the threads used) and what Paddle itself
 reaches on a large matmul here (the practical ceiling of its kernels).
@@ -211,7 +211,7 @@ def main():
     for kind in KINDS:
         print(f"| {kind} | {1000 * seconds[kind]:.1f} | {seconds[kind] / profiled:.0%} |")
     print("\nslowest operators (ms per step): " + ", ".join(f"{n} {1000 * s:.1f}" for n, s in sorted(ops.items(), key=lambda x: -x[1])[:12]))
-    print(f"\nFLOPs per step (ldm.flops, {args.batch_size} images): {flops / 1e9:.2f} GFLOP -> {achieved / 1e9:.2f} GFLOP/s")
+    print(f"\nFLOPs per step (ldm.models.flops, {args.batch_size} images): {flops / 1e9:.2f} GFLOP -> {achieved / 1e9:.2f} GFLOP/s")
     print(f"peak: {peak / 1e9:.0f} GFLOP/s nominal ({peak_how}); Paddle's 1024^3 matmul here: {matmul / 1e9:.1f} GFLOP/s")
     print(f"step_profile: {1000 * plain:.0f} ms per step, " + ", ".join(f"{k} {seconds[k] / profiled:.0%}" for k in KINDS)
           + f", {achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of peak ({achieved / matmul:.1%} of Paddle's matmul)")
