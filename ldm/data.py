@@ -51,6 +51,7 @@ from isal import igzip, isal_zlib
 from PIL import Image, ImageOps
 
 from ldm.buckets import BucketBatcher, choose_bucket, make_buckets, read_lines, stack
+from ldm.storage import PartMissing, PartUnreadable, is_remote, open_remote_part, prefetch_parts, read_text, remote_sizes
 
 # Pillow's decompression-bomb guard stays at its default (~89M pixels): an image
 # larger than that is skipped and counted, never decoded. (The seed raised it to 2.3G.)
@@ -72,6 +73,7 @@ SKIP_REASONS = (
     "extreme_aspect_ratio",  # longer side over --max_aspect_ratio times the shorter
     "not_cached",  # training from cached latents, and column 4 holds none for this autoencoder and resolution
     "not_a_file",  # a part path naming a FIFO, device, socket or directory (never opened: a FIFO would block)
+    "unreadable_part",  # a remote part whose reads kept failing after the retries (ldm.storage); records read before stand
 )
 
 # Caption-dropout draws made at a time (TextImageStream._caption_dropped).
@@ -138,6 +140,7 @@ LIKELY_CAUSES = {
     "extreme_aspect_ratio": "every image was more elongated than --max_aspect_ratio",
     "not_cached": "its parts carry no moments of this autoencoder at this --resolution: re-run python -m ldm.cache_latents on them",
     "not_a_file": "its part paths name FIFOs, devices, sockets or directories, not files: check the paths in the filelists",
+    "unreadable_part": "its remote parts kept failing to download: check the object store and the network",
 }
 
 
@@ -172,9 +175,13 @@ class FileListEntry:
 
 
 def _list_lines(path: str) -> List[str]:
-    """Non-blank, non-comment lines of a list file."""
-    with open(path, "r", encoding="utf-8") as f:
-        return [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+    """Non-blank, non-comment lines of a list file (local, s3:// or http(s)://)."""
+    if is_remote(path):
+        lines = read_text(path).splitlines()
+    else:
+        with open(path, "r", encoding="utf-8") as f:
+            lines = f.readlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
 
 
 def part_size(path: str) -> int:
@@ -187,14 +194,21 @@ def part_size(path: str) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
+def part_sizes(parts: Sequence[str]) -> List[int]:
+    """part_size of each part; remote ones from their store's listing (ldm.storage.remote_sizes)."""
+    remote = [p for p in parts if is_remote(p)]
+    known = dict(zip(remote, remote_sizes(remote))) if remote else {}
+    return [known[p] if p in known else part_size(p) for p in parts]
+
+
 def read_file_list(file_list: str, allow_missing_parts: bool = True) -> List[FileListEntry]:
     """Parse a --file_list; raise ValueError with one line that says what to fix. Without
     `allow_missing_parts` (training), a filelist none of whose parts exists is such an error: its
     weight would silently go to the others (a mistyped mount point, a listing of another machine)."""
-    if not os.path.isfile(file_list):
+    if not is_remote(file_list) and not os.path.isfile(file_list):
         raise ValueError(f"--file_list {file_list!r} does not exist; pass a file that lists one filelist path per line")
     entries = []
-    for line in _list_lines(file_list):
+    for line in _list_lines(file_list):  # a remote list that cannot be read: ldm.storage.StorageError, a ValueError
         fields = line.split()
         path = fields[0]
         weight = 1.0
@@ -205,11 +219,11 @@ def read_file_list(file_list: str, allow_missing_parts: bool = True) -> List[Fil
                 raise ValueError(f"{file_list}: weight {fields[1]!r} of {path!r} is not a number") from None
             if not weight > 0:
                 raise ValueError(f"{file_list}: weight of {path!r} must be > 0, got {weight}")
-        if not os.path.isfile(path):
+        if not is_remote(path) and not os.path.isfile(path):
             raise ValueError(f"{file_list}: filelist {path!r} does not exist (relative paths resolve against {os.getcwd()})")
         parts = _list_lines(path)
         if parts:
-            entries.append(FileListEntry(path=path, weight=weight, parts=parts, sizes=[part_size(p) for p in parts]))
+            entries.append(FileListEntry(path=path, weight=weight, parts=parts, sizes=part_sizes(parts)))
     if not entries:
         raise ValueError(f"--file_list {file_list!r} lists no filelist with any part")
     if all(size < 0 for e in entries for size in e.sizes):
@@ -325,6 +339,8 @@ def shard_units(units: Sequence[Unit], num_shards: int, shard: int, seed: int, l
 def open_part(path: str):
     """A part opened for reading lines; raise Skip for a part that is missing, not a regular file,
     empty or not gzip."""
+    if is_remote(path):
+        return _open_remote_part(path)
     try:
         # Looked at before it is opened: opening a FIFO blocks until a writer comes (a worker
         # hung for good), and a device or directory is no part either.
@@ -344,6 +360,27 @@ def open_part(path: str):
         # ISA-L's gzip reader (same format, same errors) decompresses ~2x faster than zlib's.
         return igzip.open(path, "rb")
     return open(path, "rb")
+
+
+def _open_remote_part(path: str):
+    """open_part for s3:// and http(s):// parts (streamed by ldm.storage: read ahead, resumed after a cut)."""
+    f = None
+    try:
+        f = open_remote_part(path)
+        magic = f.peek(2)[:2]
+    except (PartMissing, PartUnreadable) as e:
+        if f is not None:
+            f.close()
+        raise Skip("missing_part" if isinstance(e, PartMissing) else "unreadable_part", str(e)) from None
+    if not magic:
+        f.close()
+        raise Skip("empty_part", "0 bytes")
+    if path.endswith(".gz"):
+        if magic != b"\x1f\x8b":
+            f.close()
+            raise Skip("not_gzip", f"starts with {magic!r}, not gzip's 1f 8b")
+        return igzip.open(f, "rb")
+    return f
 
 
 def iter_unit_lines(unit: Unit, skips: SkipCounter, catch_up: int = 0) -> Iterator[Tuple[int, bytes]]:
@@ -368,6 +405,11 @@ def iter_unit_lines(unit: Unit, skips: SkipCounter, catch_up: int = 0) -> Iterat
                 if (line_no - 1) % unit.stride == unit.offset:
                     n += 1
                     yield line_no, raw
+        except PartUnreadable as e:
+            # A remote part whose downloads kept failing (ldm.storage retried them): as a truncated
+            # part, records already yielded stand and the rest of it is lost, counted once.
+            count("unreadable_part", line_no, f"{e} (after line {line_no})", n)
+            return
         except (EOFError, OSError, zlib.error, isal_zlib.error) as e:
             # Records already yielded stand; the rest of this part is lost and counted once.
             count("truncated_part", line_no, f"{type(e).__name__}: {e} (after line {line_no})", n)
@@ -676,6 +718,8 @@ class ShardStream:
             resumed_midway = bool(cursor[1:].any())
             got_any = False
             for g in range(int(cursor[1]), len(groups)):
+                if g + 1 < len(groups):
+                    prefetch_parts([u.part for u in groups[g + 1]])  # remote parts only: their first blocks arrive meanwhile
                 for w, window in enumerate(group_windows(groups[g], self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
                     order = np.random.default_rng([self.seed, list_index, pass_index, self.shard, g, w]).permutation(len(window))
                     for k in range(int(cursor[3]), len(order)):
