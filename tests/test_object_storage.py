@@ -309,3 +309,24 @@ def test_prepare_writes_complete_parts_to_s3_and_resumes(s3, tmp_path, capsys):
     read = run_script(["-m", "ldm.data", "--file_list", f"{out}/train.filelist.list", "--resolution", "16"])
     assert read.returncode == 0, read.stderr[-2000:]
     assert sorted(json.loads(line)["caption"] for line in read.stdout.splitlines()) == sorted(expect.captions)
+
+
+def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
+    """ldm.split, ldm.report (2 worker processes) and ldm.cache_latents take an s3:// --file_list."""
+    from ldm import report, split
+
+    paths, counts = split.split_file_list(s3["file_list"], str(tmp_path / "split"))
+    assert counts == {"train": 1, "eval": 1}
+    assert open(paths["eval"]).read().split()[0].endswith(".filelist")
+    held_out = open(open(paths["eval"]).read().split()[0]).read().split()
+    assert held_out == [list(s3["parts"])[-1]]  # remote part paths kept as they are
+
+    assert report.main(["--file_list", s3["file_list"], "--output_dir", str(tmp_path / "report"), "--resolution", "32",
+                        "--num_samples", "4", "--num_workers", "2"]) == 0
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert summary["records"] == 128, summary
+
+    res = run_script(["-m", "ldm.cache_latents", "--file_list", s3["file_list"], "--vae_name_or_path", str(vae_dir),
+                      "--resolution", "32", "--output_dir", str(tmp_path / "cached"), "--batch_size", "16"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cached 128 records in 2 parts" in res.stderr
