@@ -34,9 +34,12 @@ from typing import Dict, List, Optional, Sequence
 
 REMOTE_PREFIXES = ("s3://", "http://", "https://")
 
-# Bytes of one ranged GET. 4 MiB: large enough that request latency (~10-50 ms on S3) is small
-# against transfer time, small enough that a cut re-fetches little.
+# Bytes of one ranged GET in steady state. 4 MiB: large enough that request latency (~10-50 ms on
+# S3) is small against transfer time, small enough that a cut re-fetches little (half a block on
+# average). A part's first GET is FIRST_BLOCK and each next one twice the last, up to READ_BLOCK,
+# so its first lines are there after one small request, not after 4 MiB.
 READ_BLOCK = 4 << 20
+FIRST_BLOCK = 256 << 10
 # Blocks fetched ahead of the consumer per open part: memory per open part is at most
 # READ_AHEAD_BLOCKS * READ_BLOCK (8 MiB). A worker reads --parts_per_window parts side by side and
 # prefetches as many more, so 4 + 4 parts = 64 MiB per data worker at most.
@@ -233,6 +236,7 @@ class RemoteReader(io.RawIOBase):
     def _fetch(self) -> None:
         fs, p = filesystem(self.path)
         offset, failures, f, size = 0, 0, None, None
+        block = min(FIRST_BLOCK, READ_BLOCK)
         try:
             while not self._stop.is_set():
                 try:
@@ -245,7 +249,7 @@ class RemoteReader(io.RawIOBase):
                     if offset >= size:
                         self._put(b"")
                         return
-                    data = f.read(min(READ_BLOCK, size - offset))
+                    data = f.read(min(block, size - offset))
                     if not data:
                         raise ConnectionError(f"the object ended at byte {offset} of {size}")
                 except (FileNotFoundError, PermissionError, IsADirectoryError, PartUnreadable) as e:
@@ -265,6 +269,7 @@ class RemoteReader(io.RawIOBase):
                     continue
                 failures = 0
                 offset += len(data)
+                block = min(2 * block, READ_BLOCK)
                 if not self._put(data):
                     return
         finally:

@@ -7,84 +7,14 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 
 import pytest
 
 from conftest import ldm_args, run_script
+from cutting_proxy import CuttingProxy, free_port
 
 BUCKET = "ldm-data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CuttingProxy:
-    """Forwards TCP connections to 127.0.0.1:`target`. While `cuts` > 0, a connection whose
-    responses pass `cut_after` bytes is closed there, mid-transfer (one cut used per connection);
-    with `cut_at_match` (lower-case bytes), one whose response holds them, 2,000 bytes further."""
-
-    cut_at_match = b""
-
-    def __init__(self, target: int, cut_after: int):
-        self.target, self.cut_after, self.cuts, self.cut_done = target, cut_after, 0, 0
-        self.lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client):
-        upstream = socket.create_connection(("127.0.0.1", self.target))
-        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-        sent = 0
-        try:
-            while True:
-                chunk = upstream.recv(65536)
-                if not chunk:
-                    break
-                at = chunk.lower().find(self.cut_at_match) if self.cut_at_match else -1
-                with self.lock:
-                    cut = self.cuts > 0 and (at >= 0 if self.cut_at_match else sent + len(chunk) > self.cut_after)
-                    if cut:
-                        self.cuts -= 1
-                        self.cut_done += 1
-                if cut:
-                    client.sendall(chunk[: at + 2000] if at >= 0 else chunk[: max(0, self.cut_after - sent)])
-                    break
-                client.sendall(chunk)
-                sent += len(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while True:
-                chunk = src.recv(65536)
-                if not chunk:
-                    break
-                dst.sendall(chunk)
-        except OSError:
-            pass
 
 
 @pytest.fixture(scope="session")
@@ -171,10 +101,11 @@ def test_shard_stream_resumes_exactly_over_cut_remote_parts(s3, proxy, monkeypat
     from ldm.data import ShardStream, read_file_list
 
     monkeypatch.setattr(storage, "READ_BLOCK", 16 << 10)  # several blocks per part: a cut lands mid-part
+    monkeypatch.setattr(storage, "FIRST_BLOCK", 16 << 10)
     local = [(os.path.basename(r.part), r.line) for r in ShardStream(read_file_list(s3["local_file_list"]), 0, 1, 3, 16, passes=1)]
     entries = read_file_list(s3["file_list"])
     assert [e.sizes for e in entries] == [[os.path.getsize(p) for p in s3["parts"].values()]]
-    proxy.cut_at_match, proxy.cuts = b"content-range: bytes 16384-", 2  # the second block of a part
+    proxy.cut_at_match, proxy.cut_after, proxy.cuts = b"content-range: bytes 16384-", 2000, 2  # in the second block of a part
     first = ShardStream(entries, 0, 1, 3, 16, passes=1)
     it = iter(first)
     head = [next(it) for _ in range(50)]
