@@ -186,9 +186,10 @@ def serve_s3(part_paths):
     return server, port, "s3://bench/train.filelist.list"
 
 
-def cut_cost(remote_list, port, cuts=4):
-    """Read every part once through a proxy, without and with `cuts` connections cut mid-transfer:
-    (bytes fetched again per cut, seconds lost per cut, records read each time)."""
+def cut_cost(remote_list, port, cuts=3):
+    """Read every part once through a proxy, without and with up to `cuts` connections cut
+    mid-transfer, each cut's retry left alone: (cuts made, bytes fetched again per cut, seconds
+    lost per cut, records read each time)."""
     from cutting_proxy import CuttingProxy
 
     from ldm import storage
@@ -197,6 +198,7 @@ def cut_cost(remote_list, port, cuts=4):
     parts = [p for e in read_file_list(remote_list) for p in e.parts]
     proxy = CuttingProxy(port, cut_after=storage.READ_BLOCK // 2)
     proxy.cut_at_match = b"content-range: bytes"  # half a steady-state block into a GET's response
+    proxy.quiet_s = 3 * storage.BACKOFF_FIRST_S
     os.environ["AWS_ENDPOINT_URL"] = proxy.url
     runs = []
     for k in (0, cuts):
@@ -208,8 +210,8 @@ def cut_cost(remote_list, port, cuts=4):
         runs.append((proxy.forwarded, time.perf_counter() - start, records, proxy.cut_done, dict(skips)))
     proxy.server.close()
     (b0, t0, r0, _, _), (b1, t1, r1, done, skipped) = runs
-    assert done == cuts and r0 == r1 and not skipped, (runs, "a cut lost or repeated records")
-    return (b1 - b0) / cuts, (t1 - t0) / cuts, r1
+    assert done >= 1 and r0 == r1 and not skipped, (runs, "no cut, or a cut lost or repeated records")
+    return done, (b1 - b0) / done, (t1 - t0) / done, r1
 
 
 def compare_remote(file_list, remote_list, tokenizer, args):
@@ -260,7 +262,7 @@ def main():
             server, port, remote_list = serve_s3(part_paths)
             try:
                 rows = compare_remote(file_list, remote_list, tokenizer, args)
-                per_cut_bytes, per_cut_s, records = cut_cost(remote_list, port)
+                cuts, per_cut_bytes, per_cut_s, records = cut_cost(remote_list, port)
             finally:
                 server.terminate()
                 server.wait()
@@ -269,7 +271,7 @@ def main():
             for k, remote, local in rows:
                 print(f"| {k} | {remote:.1f} | {local:.1f} | {remote / local:.2f} |")
             print(f"a cut connection cost {per_cut_bytes / 1e6:.2f} MB fetched again and {per_cut_s:.2f} s "
-                  f"(one pass over {records} records, every record read once)")
+                  f"(mean of {cuts} cuts in one pass over {records} records, every record read once)")
             for k, remote, local in rows:
                 print(f"data_throughput: remote {remote:.1f} rec/s, local {local:.1f} rec/s, ratio {remote / local:.2f}")
             return

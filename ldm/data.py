@@ -380,7 +380,7 @@ def _open_remote_part(path: str):
             f.close()
             raise Skip("not_gzip", f"starts with {magic!r}, not gzip's 1f 8b")
         return igzip.open(f, "rb")
-    return f
+    return f if isinstance(f, io.BufferedReader) else io.BufferedReader(f)
 
 
 def iter_unit_lines(unit: Unit, skips: SkipCounter, catch_up: int = 0) -> Iterator[Tuple[int, bytes]]:

@@ -275,7 +275,8 @@ class RemoteReader(io.RawIOBase):
         finally:
             _close_quietly(f)
 
-    def readinto(self, buffer) -> int:
+    def _fill(self) -> None:
+        """Wait for the next block unless one is pending (or the object ended)."""
         if not self._pending and not self._ended:
             item = self._blocks.get()
             if isinstance(item, (FileNotFoundError, PermissionError, IsADirectoryError)):
@@ -287,6 +288,16 @@ class RemoteReader(io.RawIOBase):
             if not item:
                 self._ended = True
             self._pending = memoryview(item)
+
+    def peek(self, n: int) -> bytes:
+        """The next bytes without consuming them (at most one block's; empty at the end)."""
+        self._fill()
+        return bytes(self._pending[:n])
+
+    def readinto(self, buffer) -> int:
+        # As much as one block holds, not more: the gzip reader gets each block as it arrives
+        # (a blocking read of its 128 KiB would hold back lines a later failed block never frees).
+        self._fill()
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -309,14 +320,14 @@ def _close_quietly(f):
 _prefetched: "collections.OrderedDict[str, object]" = collections.OrderedDict()
 
 
-def open_remote_part(path: str) -> io.BufferedReader:
-    """A remote part as a buffered binary file (peek, readline, iteration by line), from the LRU
-    cache when --cache_dir is set, else streamed. A read that keeps failing raises PartUnreadable,
-    a missing object PartMissing (at the first read)."""
+def open_remote_part(path: str):
+    """A remote part as a binary file with `peek` (a RemoteReader; wrap it in io.BufferedReader to
+    read lines), or the local copy in the LRU cache when --cache_dir is set. A read that keeps
+    failing raises PartUnreadable, a missing object PartMissing (at the first read)."""
     if _cache.directory:
         return open(_cache.local_copy(path), "rb")
     reader = _prefetched.pop(path, None)
-    return io.BufferedReader(reader if reader is not None else RemoteReader(path), buffer_size=1 << 20)
+    return reader if reader is not None else RemoteReader(path)
 
 
 def prefetch_parts(paths: Sequence[str]) -> None:

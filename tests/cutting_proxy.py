@@ -2,6 +2,7 @@
 tests (tests/test_object_storage.py) and benchmark (bench/data_throughput.py --source s3)."""
 import socket
 import threading
+import time
 
 
 def free_port() -> int:
@@ -16,9 +17,11 @@ class CuttingProxy:
     with `cut_at_match` (lower-case bytes), `cut_after` bytes after where they first pass."""
 
     cut_at_match = b""
+    quiet_s = 0.0  # after a cut, none for this long (so the retry of the cut transfer goes through)
 
     def __init__(self, target: int, cut_after: int):
         self.target, self.cut_after, self.cuts, self.cut_done = target, cut_after, 0, 0
+        self._quiet_until = 0.0
         self.forwarded = 0  # response bytes passed on to clients, headers included
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -46,10 +49,12 @@ class CuttingProxy:
                     at = chunk.lower().find(self.cut_at_match) if self.cut_at_match else 0
                     armed = sent + at if at >= 0 else None
                 with self.lock:
-                    cut = self.cuts > 0 and armed is not None and sent + len(chunk) > armed + self.cut_after
+                    cut = (self.cuts > 0 and armed is not None and sent + len(chunk) > armed + self.cut_after
+                           and time.monotonic() >= self._quiet_until)
                     if cut:
                         self.cuts -= 1
                         self.cut_done += 1
+                        self._quiet_until = time.monotonic() + self.quiet_s
                 piece = chunk[: armed + self.cut_after - sent] if cut else chunk
                 client.sendall(piece)
                 sent += len(piece)

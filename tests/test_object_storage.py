@@ -118,20 +118,23 @@ def test_shard_stream_resumes_exactly_over_cut_remote_parts(s3, proxy, monkeypat
 
 
 def test_part_failing_every_retry_is_skipped_and_counted(s3, proxy, monkeypatch, capfd):
-    """A part whose every download is cut is skipped as unreadable_part (its key in the log line);
-    the other parts are read whole; nothing raises."""
+    """A part whose downloads fail past its first block, every retry, is skipped as unreadable_part
+    (its key in the log line): the records before stand, nothing raises, the next part reads whole."""
     from ldm import storage
     from ldm.data import SkipCounter, Unit, iter_unit_lines
 
     monkeypatch.setattr(storage, "RETRIES", 2)
     monkeypatch.setattr(storage, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(storage, "READ_BLOCK", 16 << 10)
+    monkeypatch.setattr(storage, "FIRST_BLOCK", 16 << 10)
     bad, good = list(s3["parts"])
-    proxy.cut_after, proxy.cuts = 2000, 1000
+    proxy.cut_at_match, proxy.cut_after, proxy.cuts = b"content-range: bytes 16384-", 2000, 1000
     skips = SkipCounter()
-    assert list(iter_unit_lines(Unit(bad, 0, 1), skips)) == []
+    lines = list(iter_unit_lines(Unit(bad, 0, 1), skips))
+    assert 0 < len(lines) < 64 and [n for n, _ in lines] == list(range(1, len(lines) + 1))
     assert skips == {"unreadable_part": 1}
     err = capfd.readouterr().err
-    assert f"skipped (unreadable_part) {bad}" in err and "retry 2/2" in err
+    assert f"skipped (unreadable_part) {bad} line {len(lines)}" in err and "retry 2/2" in err, err
     proxy.cuts = 0
     assert len(list(iter_unit_lines(Unit(good, 0, 1), skips))) == 64
 
