@@ -264,3 +264,28 @@ def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
                       "--resolution", "32", "--output_dir", str(tmp_path / "cached"), "--batch_size", "16"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cached 128 records in 2 parts" in res.stderr
+
+
+def _count_lines(part, out):
+    from ldm.data import SkipCounter, Unit, iter_unit_lines
+
+    out.put(len(list(iter_unit_lines(Unit(part, 0, 1), SkipCounter()))))
+
+
+def test_forked_data_worker_reads_remote_parts(s3):
+    """A dataloader worker forked after this process used fsspec's event loop reads remote parts
+    (it inherits the loop without its thread: without a reset it would wait forever)."""
+    import multiprocessing as mp
+
+    from ldm.data import read_file_list
+
+    read_file_list(s3["file_list"])  # the parent's loop is in use, as in a training script
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_count_lines, args=(list(s3["parts"])[0], out))
+    child.start()
+    child.join(30)
+    hung = child.is_alive()
+    child.kill()
+    assert not hung, "the forked worker hung on its first remote read"
+    assert out.get(timeout=5) == 64
