@@ -379,7 +379,11 @@ def _open_remote_part(path: str):
         if magic != b"\x1f\x8b":
             f.close()
             raise Skip("not_gzip", f"starts with {magic!r}, not gzip's 1f 8b")
-        return igzip.open(f, "rb")
+        g = igzip.open(f, "rb")
+        # GzipFile closes `myfileobj` (a file it opened itself) when closed, never a fileobj it was
+        # given: hand it ours, so a part left mid-way stops its background reader too.
+        g.myfileobj = f
+        return g
     return f if isinstance(f, io.BufferedReader) else io.BufferedReader(f)
 
 

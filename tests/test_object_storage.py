@@ -289,3 +289,23 @@ def test_forked_data_worker_reads_remote_parts(s3):
     child.kill()
     assert not hung, "the forked worker hung on its first remote read"
     assert out.get(timeout=5) == 64
+
+
+def test_part_left_midway_stops_its_reader(s3, monkeypatch):
+    """Closing a remote part read only in part stops its background reader (no thread per
+    abandoned part piling up over a weeks-long run)."""
+    import threading
+
+    from ldm import storage
+    from ldm.data import open_part
+
+    monkeypatch.setattr(storage, "READ_BLOCK", 4 << 10)
+    monkeypatch.setattr(storage, "FIRST_BLOCK", 4 << 10)
+    part = list(s3["parts"])[0]
+    for _ in range(3):
+        with open_part(part) as f:
+            f.readline()
+    deadline = time.time() + 5
+    while any(t.name == f"read {part}" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(t.name == f"read {part}" for t in threading.enumerate())
