@@ -309,3 +309,32 @@ def test_part_left_midway_stops_its_reader(s3, monkeypatch):
     while any(t.name == f"read {part}" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(t.name == f"read {part}" for t in threading.enumerate())
+
+
+def test_http_lists_and_parts(shapes, tmp_path):
+    """http(s):// lists and parts (any web server; here Python's, which serves no byte ranges)
+    read as their local copies."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from ldm.data import SkipCounter, Unit, iter_unit_lines, read_file_list
+
+    local_parts = open(open(shapes["file_list"]).read().split()[0]).read().split()
+    for p in local_parts:
+        shutil.copy(p, tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    (tmp_path / "a.filelist").write_text("".join(f"{url}/{os.path.basename(p)}\n" for p in local_parts))
+    (tmp_path / "t.list").write_text(f"{url}/a.filelist\n")
+    try:
+        entries = read_file_list(f"{url}/t.list")
+        assert entries[0].sizes == [os.path.getsize(p) for p in local_parts]
+        skips = SkipCounter()
+        for remote, local in zip(entries[0].parts, local_parts):
+            assert list(iter_unit_lines(Unit(remote, 0, 1), skips)) == list(iter_unit_lines(Unit(local, 0, 1), skips))
+        assert not skips
+    finally:
+        server.shutdown()
