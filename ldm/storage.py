@@ -134,6 +134,12 @@ def backoff(failures: int) -> float:
     return min(BACKOFF_FIRST_S * 2 ** (failures - 1), BACKOFF_MAX_S)
 
 
+def endpoint() -> str:
+    """The S3 endpoint in use, for messages: AWS_ENDPOINT_URL without any user:password@ in it."""
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return url.split("://", 1)[0] + "://" + url.split("://", 1)[-1].rsplit("@", 1)[-1] if url else "AWS default"
+
+
 def access_problem(path: str, error: Exception) -> str:
     """One line naming what is wrong with a remote path (never a credential)."""
     text = str(error)
@@ -141,7 +147,7 @@ def access_problem(path: str, error: Exception) -> str:
         return (f"{path}: access denied by the object store ({type(error).__name__}); check the credentials "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws) and the bucket's policy")
     if "NoSuchBucket" in text or "bucket does not exist" in text:
-        return f"{path}: bucket {path.split('/')[2]!r} does not exist (endpoint: {os.environ.get('AWS_ENDPOINT_URL', 'AWS default')})"
+        return f"{path}: bucket {path.split('/')[2]!r} does not exist (endpoint: {endpoint()})"
     if isinstance(error, FileNotFoundError):
         return f"{path}: no such object"
     return f"{path}: cannot read from the object store: {type(error).__name__}: {text.splitlines()[0] if text else ''}"
