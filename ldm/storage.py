@@ -195,7 +195,8 @@ def remote_sizes(paths: Sequence[str]) -> List[int]:
 def _http_size(path: str) -> int:
     fs, p = filesystem(path)
     try:
-        return int(with_retries(f"HEAD {path}", lambda: fs.info(p))["size"] or -1)
+        # A server that sends no Content-Length: there, size unknown (0 in the fingerprint), not missing.
+        return int(with_retries(f"HEAD {path}", lambda: fs.info(p)).get("size") or 0)
     except (FileNotFoundError, PermissionError):
         return -1
 
