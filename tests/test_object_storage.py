@@ -139,21 +139,30 @@ def test_part_failing_every_retry_is_skipped_and_counted(s3, proxy, monkeypatch,
     assert len(list(iter_unit_lines(Unit(good, 0, 1), skips))) == 64
 
 
-def test_startup_errors_are_one_line(s3, tmp_path):
+def run_data(file_list, capfd):
+    """python -m ldm.data in this process: (exit code, stdout, stderr)."""
+    from ldm import data
+
+    capfd.readouterr()
+    code = data.main(["--file_list", file_list, "--resolution", "32"])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_startup_errors_are_one_line(s3, tmp_path, capfd, monkeypatch):
     """A missing bucket, a missing filelist and bad credentials stop python -m ldm.data at start-up
     with exit 2 and one line; a missing part is counted (missing_part), not fatal."""
     from ldm import storage
 
-    missing_bucket = run_script(["-m", "ldm.data", "--file_list", "s3://no-such-bucket/train.filelist.list", "--resolution", "32"])
-    assert missing_bucket.returncode == 2
-    assert missing_bucket.stderr.strip().splitlines()[-1] == (
-        f"error: s3://no-such-bucket/train.filelist.list: bucket 'no-such-bucket' does not exist (endpoint: {s3['url']})")
+    code, _, err = run_data("s3://no-such-bucket/train.filelist.list", capfd)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"error: s3://no-such-bucket/train.filelist.list: bucket 'no-such-bucket' does not exist (endpoint: {s3['url']})"
 
     fs, _ = storage.filesystem(s3["file_list"])
     fs.pipe_file(f"{BUCKET}/broken/a.list", f"s3://{BUCKET}/broken/none.filelist\n".encode())
-    missing_list = run_script(["-m", "ldm.data", "--file_list", f"s3://{BUCKET}/broken/a.list", "--resolution", "32"])
-    assert missing_list.returncode == 2
-    assert missing_list.stderr.strip().splitlines()[-1] == f"error: s3://{BUCKET}/broken/none.filelist: no such object"
+    code, _, err = run_data(f"s3://{BUCKET}/broken/a.list", capfd)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"error: s3://{BUCKET}/broken/none.filelist: no such object"
 
     fs.pipe_file(f"{BUCKET}/broken/b.filelist", ("\n".join([*s3["parts"], f"s3://{BUCKET}/shapes/part-99999.gz"]) + "\n").encode())
     fs.pipe_file(f"{BUCKET}/broken/b.list", f"s3://{BUCKET}/broken/b.filelist\n".encode())
@@ -176,15 +185,17 @@ def test_startup_errors_are_one_line(s3, tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
-        denied = run_script(["-m", "ldm.data", "--file_list", s3["file_list"], "--resolution", "32"],
-                            env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_SECRET_ACCESS_KEY": "a-secret-never-printed"})
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-secret-never-printed")
+        storage._filesystems.clear()
+        code, out, err = run_data(s3["file_list"], capfd)
     finally:
         server.terminate()
         server.wait()
-    assert denied.returncode == 2
-    lines = denied.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: {s3['file_list']}: access denied by the object store"), denied.stderr[-2000:]
-    assert "a-secret-never-printed" not in denied.stderr
+        storage._filesystems.clear()
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"error: {s3['file_list']}: access denied by the object store"), err[-2000:]
+    assert "a-secret-never-printed" not in out + err
 
 
 def test_part_cache_is_bounded_lru(s3, tmp_path, monkeypatch):
@@ -246,7 +257,7 @@ def test_prepare_writes_complete_parts_to_s3_and_resumes(s3, tmp_path, capsys):
 
 
 def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
-    """ldm.split, ldm.report (2 worker processes) and ldm.cache_latents take an s3:// --file_list."""
+    """ldm.split, ldm.report and ldm.cache_latents take an s3:// --file_list."""
     from ldm import report, split
 
     paths, counts = split.split_file_list(s3["file_list"], str(tmp_path / "split"))
@@ -256,7 +267,7 @@ def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
     assert held_out == [list(s3["parts"])[-1]]  # remote part paths kept as they are
 
     assert report.main(["--file_list", s3["file_list"], "--output_dir", str(tmp_path / "report"), "--resolution", "32",
-                        "--num_samples", "4", "--num_workers", "2"]) == 0
+                        "--num_samples", "4", "--num_workers", "0"]) == 0
     summary = json.load(open(tmp_path / "report" / "summary.json"))
     assert summary["records"] == 128, summary
 
