@@ -244,25 +244,30 @@ class RemoteReader(io.RawIOBase):
         fs, p = filesystem(self.path)
         offset, failures, f, size = 0, 0, None, None
         block = min(FIRST_BLOCK, READ_BLOCK)
+        streaming = False  # a web server without byte ranges: one GET from the start, read in order
         try:
             while not self._stop.is_set():
                 try:
                     if f is None:
-                        f = fs.open(p, "rb", block_size=READ_BLOCK, cache_type="none")
-                        if size is not None and f.size != size:
-                            raise PartUnreadable(f"the object changed while it was read ({size} -> {f.size} bytes)")
-                        size = f.size
-                        f.seek(offset)
-                    if offset >= size:
+                        f, size = self._open(fs, p, offset, size, streaming)
+                    if size is not None and offset >= size:
                         self._put(b"")
                         return
-                    data = f.read(min(block, size - offset))
+                    data = f.read(block if size is None else min(block, size - offset))
                     if not data:
+                        if size is None:
+                            self._put(b"")
+                            return
                         raise ConnectionError(f"the object ended at byte {offset} of {size}")
                 except (FileNotFoundError, PermissionError, IsADirectoryError, PartUnreadable) as e:
                     self._put(e)  # not transient: said once, by the consumer
                     return
                 except Exception as e:  # a dropped connection shows as many types (aiohttp, botocore, socket)
+                    if isinstance(e, ValueError) and "range requests" in str(e) and not streaming:
+                        # fsspec's HTTP file: "The HTTP server doesn't appear to support range requests".
+                        # Read it as one stream instead; a retry then fetches again up to the byte reached.
+                        streaming, f = True, _close_quietly(f)
+                        continue
                     failures += 1
                     self.retries += 1
                     f = _close_quietly(f)
@@ -281,6 +286,24 @@ class RemoteReader(io.RawIOBase):
                     return
         finally:
             _close_quietly(f)
+
+    @staticmethod
+    def _open(fs, p: str, offset: int, size: Optional[int], streaming: bool):
+        """(the object opened at byte `offset`, its size): a ranged read where the store allows it."""
+        if not streaming:
+            f = fs.open(p, "rb", block_size=READ_BLOCK, cache_type="none")
+            if size is not None and f.size != size:
+                raise PartUnreadable(f"the object changed while it was read ({size} -> {f.size} bytes)")
+            f.seek(offset)
+            return f, f.size
+        f = fs.open(p, "rb", block_size=0)
+        left = offset
+        while left:
+            skipped = f.read(min(left, READ_BLOCK))
+            if not skipped:
+                raise ConnectionError(f"the stream ended at byte {offset - left}, before byte {offset} reached earlier")
+            left -= len(skipped)
+        return f, size
 
     def _fill(self) -> None:
         """Wait for the next block unless one is pending (or the object ended)."""

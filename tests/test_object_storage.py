@@ -322,15 +322,19 @@ def test_part_left_midway_stops_its_reader(s3, monkeypatch):
     assert not any(t.name == f"read {part}" for t in threading.enumerate())
 
 
-def test_http_lists_and_parts(shapes, tmp_path):
-    """http(s):// lists and parts (any web server; here Python's, which serves no byte ranges)
-    read as their local copies."""
+def test_http_lists_and_parts(shapes, tmp_path, monkeypatch):
+    """http(s):// lists and parts (any web server; here Python's, which serves no byte ranges: read
+    as one stream) read as their local copies."""
     import functools
     import http.server
     import shutil
     import threading
 
+    from ldm import storage
     from ldm.data import SkipCounter, Unit, iter_unit_lines, read_file_list
+
+    monkeypatch.setattr(storage, "READ_BLOCK", 4 << 10)  # parts of several blocks: a ranged read is tried first
+    monkeypatch.setattr(storage, "FIRST_BLOCK", 4 << 10)
 
     local_parts = open(open(shapes["file_list"]).read().split()[0]).read().split()
     for p in local_parts:
