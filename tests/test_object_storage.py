@@ -222,13 +222,15 @@ def test_part_cache_is_bounded_lru(s3, tmp_path, monkeypatch):
 
 
 def test_trainer_trains_two_steps_from_s3(s3, shapes, vae_dir, tmp_path):
-    """The Trainer script trains from an s3:// --file_list with a data worker, and saves the
-    order fingerprint with the remote parts' sizes."""
+    """The Trainer script trains from an s3:// --file_list with a data worker reading through
+    --cache_dir, which then holds the parts."""
     out = tmp_path / "run"
-    args = [a if a != shapes["file_list"] else s3["file_list"] for a in ldm_args(shapes, vae_dir, out, 2, ["--image_logging_steps", "0", "--save_steps", "2"])]
+    extra = ["--image_logging_steps", "0", "--save_steps", "2", "--cache_dir", str(tmp_path / "cache")]
+    args = [a if a != shapes["file_list"] else s3["file_list"] for a in ldm_args(shapes, vae_dir, out, 2, extra)]
     res = run_script(args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "checkpoint-2").is_dir()
+    assert sorted(n.split("-", 1)[1] for n in os.listdir(tmp_path / "cache")) == sorted(os.path.basename(p) for p in s3["parts"])
     assert "testing" not in res.stdout + res.stderr
 
 
