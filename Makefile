@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q --durations=15 tests
 
 clean:

@@ -50,7 +50,7 @@ def default_processes():
     """One process on a GPU (this model is far too small to split); on a CPU, one per core, up to 2."""
     import paddle
 
-    from ldm.runtime import usable_cores
+    from ldm.training.runtime import usable_cores
 
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         return 1
@@ -133,7 +133,7 @@ def main():
 
     # 6. Samples from the stock pipeline:
     print("\n==> samples", flush=True)
-    from ldm.sampling import sample_grid
+    from ldm.evaluation.sampling import sample_grid
 
     grid_path, matches, total = sample_grid(ldm, PROMPTS, args.samples_per_prompt, os.path.join(out, "samples.png"), guidance_scale=GUIDANCE)
     print(f"demo finished in {time.time() - t0:.0f} s")

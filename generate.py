@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from ldm.loading import SCHEDULERS
+from ldm.evaluation.loading import SCHEDULERS
 
 
 def parse_args(argv=None):
@@ -47,8 +47,8 @@ def slug(text: str, limit: int = 60) -> str:
 def main(argv=None):
     # Arguments and prompts (bad input stops here, before the model loads):
     args = parse_args(argv)
-    from ldm.loading import check_size, generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, write_json
-    from ldm.runtime import exit_on_bad_input, set_cpu_threads
+    from ldm.evaluation.loading import check_size, generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, write_json
+    from ldm.training.runtime import exit_on_bad_input, set_cpu_threads
 
     try:
         prompts = args.prompt + (read_prompt_file(args.prompt_file) if args.prompt_file else [])

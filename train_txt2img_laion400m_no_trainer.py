@@ -17,16 +17,19 @@ from paddlenlp.utils.log import logger
 from ppdiffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
-from ldm.checkpoint import CheckpointWriteError, load_checkpoint, resume_data_stream, save_checkpoint
-from ldm.data import StreamProgress, as_paddle_dataset, init_worker
-from ldm.ema import EMA, maybe_applied
-from ldm.flops import flops_per_training_image
-from ldm.logger import RunLogger
-from ldm.model import create_model, create_stream, decay_parameter_names
-from ldm.runtime import (StepAgreement, checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup,
-                         preserved_rng, require_writable_dir, seed_rank_streams, set_cpu_threads, skip_warning)
-from ldm.validation import Validator, fixed_log_batch
+from ldm.training.args import DataArguments, LoopArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
+from ldm.training.checkpoint import CheckpointWriteError, checkpoint_to_resume, load_checkpoint, save_checkpoint
+from ldm.training.data_position import resume_data_stream
+from ldm.evaluation.export import save_final
+from ldm.data.progress import StreamProgress, as_paddle_dataset, init_worker
+from ldm.training.ema import EMA, maybe_applied
+from ldm.models.flops import flops_per_training_image
+from ldm.training.logger import RunLogger
+from ldm.training.build import create_model, create_stream, decay_parameter_names
+from ldm.training.runtime import (StepAgreement, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, seed_rank_streams,
+                                  set_cpu_threads, skip_warning)
+from ldm.core.rng import preserved_rng
+from ldm.training.validation import Validator, fixed_log_batch
 
 
 def main():
@@ -196,7 +199,7 @@ def main():
     # Save the final model (EMA weights with --use_ema) in --export_format, with its model card:
     if rank == 0:
         with maybe_applied(ema):
-            written = model.save_final(args.output_dir, model_args.export_format, "EMA" if ema is not None else "raw", sys.argv)
+            written = save_final(model, args.output_dir, model_args.export_format, "EMA" if ema is not None else "raw", sys.argv)
         logger.info(f"Saved LDMTextToImagePipeline ({model_args.export_format} layout) to {', '.join(written)}")
 
 

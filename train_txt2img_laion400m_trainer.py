@@ -5,15 +5,16 @@ import sys
 from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
-from ldm.data import as_paddle_dataset
-from ldm.ema import maybe_applied
-from ldm.flops import flops_per_training_image
-from ldm.model import create_model, create_stream
-from ldm.runtime import (checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir,
-                         set_cpu_threads)
-from ldm.trainer import StreamTrainer
-from ldm.validation import Validator, fixed_log_batch
+from ldm.training.args import DataArguments, LDMTrainingArguments, ModelArguments, RecipeArguments, flags_passed, parse_args
+from ldm.data.progress import as_paddle_dataset
+from ldm.training.ema import maybe_applied
+from ldm.models.flops import flops_per_training_image
+from ldm.training.build import create_model, create_stream
+from ldm.training.checkpoint import checkpoint_to_resume
+from ldm.evaluation.export import save_final
+from ldm.training.runtime import exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, set_cpu_threads
+from ldm.training.trainer import StreamTrainer
+from ldm.training.validation import Validator, fixed_log_batch
 
 
 def main():
@@ -71,7 +72,7 @@ def main():
     # Save the final model (EMA weights with --use_ema) in --export_format, with its model card:
     if trainer.is_world_process_zero():
         with maybe_applied(trainer.ema):
-            written = model.save_final(training_args.output_dir, model_args.export_format, "EMA" if trainer.ema is not None else "raw", sys.argv)
+            written = save_final(model, training_args.output_dir, model_args.export_format, "EMA" if trainer.ema is not None else "raw", sys.argv)
         logger.info(f"Saved LDMTextToImagePipeline ({model_args.export_format} layout) to {', '.join(written)}")
 
 

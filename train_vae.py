@@ -15,13 +15,17 @@ import paddle
 from paddlenlp.trainer import set_seed
 from paddlenlp.utils.log import logger
 
-from ldm.args import DataArguments, LDMTrainingArguments, parse_args
-from ldm.autoencoder import AutoencoderTrainer, AutoencoderTrainingModel, ReconstructionValidator, build_autoencoder
-from ldm.data import TextImageStream, as_paddle_dataset, read_file_list
-from ldm.discriminator import NLayerDiscriminator
-from ldm.ema import maybe_applied
-from ldm.runtime import checkpoint_to_resume, exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, set_cpu_threads
-from ldm.validation import fixed_log_batch
+from ldm.training.args import DataArguments, LDMTrainingArguments, parse_args
+from ldm.training.stage1 import AutoencoderTrainer, AutoencoderTrainingModel, ReconstructionValidator
+from ldm.models.autoencoder import build_autoencoder
+from ldm.data.stream import TextImageStream
+from ldm.data.progress import as_paddle_dataset
+from ldm.data.filelists import read_file_list
+from ldm.models.discriminator import NLayerDiscriminator
+from ldm.training.ema import maybe_applied
+from ldm.training.checkpoint import checkpoint_to_resume
+from ldm.training.runtime import exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, set_cpu_threads
+from ldm.training.validation import fixed_log_batch
 
 
 @dataclass

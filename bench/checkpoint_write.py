@@ -35,8 +35,8 @@ def main():
 
     import numpy as np
 
-    from ldm.checkpoint import MANIFEST, checkpoint_problem
-    from ldm.checkpoint_io import write_json, write_safetensors
+    from ldm.training.checkpoint import MANIFEST, checkpoint_problem
+    from ldm.training.checkpoint_io import write_json, write_safetensors
 
     root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     per_file = int(args.gb * 1e9 / args.files / 4)

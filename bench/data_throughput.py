@@ -50,7 +50,7 @@ from PIL import Image
 from isal import igzip
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ldm.data import b64decode  # noqa: E402  (the limit decodes base64 as ours does)
+from ldm.data.records import b64decode  # noqa: E402  (the limit decodes base64 as ours does
 
 
 def photo_like(rng, w, h):
@@ -132,8 +132,9 @@ def ours_rate(file_list, tokenizer, resolution, workers, n):
     once a run and reported apart."""
     from paddle.io import DataLoader
 
-    from ldm.data import TextImageStream, as_paddle_dataset, init_worker
-    from ldm.runtime import set_cpu_threads
+    from ldm.data.stream import TextImageStream
+    from ldm.data.progress import as_paddle_dataset, init_worker
+    from ldm.training.runtime import set_cpu_threads
 
     # As the training scripts set them up: K worker processes of one thread each, and the
     # consuming process with the cores they leave.
@@ -173,7 +174,7 @@ def serve_s3(part_paths):
             time.sleep(0.1)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    from ldm import storage
+    from ldm.data import storage
 
     storage._filesystems.clear()
     fs, _ = storage.filesystem("s3://bench")
@@ -192,8 +193,9 @@ def cut_cost(remote_list, port, cuts=3):
     lost per cut, records read each time)."""
     from cutting_proxy import CuttingProxy
 
-    from ldm import storage
-    from ldm.data import SkipCounter, Unit, iter_unit_lines, read_file_list
+    from ldm.data import storage
+    from ldm.data.filelists import Unit, iter_unit_lines, read_file_list
+    from ldm.data.records import SkipCounter
 
     parts = [p for e in read_file_list(remote_list) for p in e.parts]
     proxy = CuttingProxy(port, cut_after=storage.READ_BLOCK // 2)
@@ -243,7 +245,7 @@ def main():
     args = parser.parse_args()
     parts = args.parts or 2 * math.lcm(*args.workers)
 
-    from ldm.tokenizer import build_vocab, write_tokenizer
+    from ldm.data.tokenizer import build_vocab, write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         print(f"writing {args.records} photo-like JPEGs (300-1000 px sides) into {parts} parts ...", flush=True)

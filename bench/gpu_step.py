@@ -50,7 +50,7 @@ def preset_models(preset, resolution, vocab_size=30522, max_length=77, seed=0):
     import paddle
     from ppdiffusers import AutoencoderKL
 
-    from ldm.model import build_text_encoder, build_unet, freeze, init_like_reference
+    from ldm.models.ldm import build_text_encoder, build_unet, freeze, init_like_reference
 
     paddle.seed(seed)
     with open(os.path.join(ROOT, "config", preset, "vae.json")) as f:
@@ -108,7 +108,7 @@ def num(x: float) -> str:
 
 
 def count_report(args):
-    from ldm.flops import count_forward
+    from ldm.models.flops import count_forward
 
     for resolution in args.resolution:
         vae, text_encoder, unet = preset_models(args.preset, resolution)
@@ -151,9 +151,11 @@ def count_report(args):
 def measure(args):
     import paddle
 
-    from ldm.ema import EMA
-    from ldm.flops import count_forward
-    from ldm.model import LatentDiffusionModel, Recipe, decay_parameter_names
+    from ldm.training.ema import EMA
+    from ldm.models.flops import count_forward
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.models.recipe import Recipe
+    from ldm.training.build import decay_parameter_names
 
     on_gpu = paddle.is_compiled_with_cuda()
     if not on_gpu and not args.allow_cpu:

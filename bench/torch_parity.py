@@ -31,7 +31,7 @@ def paddle_side(args) -> None:
     sys.path.insert(0, ROOT)
     import paddle
 
-    from ldm.loading import initial_noise, load_pipeline, to_uint8_array, vae_factor
+    from ldm.evaluation.loading import initial_noise, load_pipeline, to_uint8_array, vae_factor
 
     pipe, _ = load_pipeline(args.model_dir)
     unet, bert, vae, tokenizer = pipe.unet, pipe.bert, pipe.vqvae, pipe.tokenizer

@@ -33,8 +33,8 @@ def make_inputs(tmp, preset, resolution, records):
     """Shapes data a little larger than the crop, a tokenizer from its captions, a random autoencoder."""
     from ppdiffusers import AutoencoderKL
 
-    from ldm.sample_data import write_sample_dataset
-    from ldm.tokenizer import build_vocab, iter_captions, write_tokenizer
+    from ldm.data.sample_data import write_sample_dataset
+    from ldm.data.tokenizer import build_vocab, iter_captions, write_tokenizer
 
     file_list = write_sample_dataset(os.path.join(tmp, "data"), num_parts=2, records_per_part=records // 2, size=resolution + 8, seed=1)
     tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), os.path.join(tmp, "tokenizer"), model_max_length=16)
@@ -46,8 +46,8 @@ def make_inputs(tmp, preset, resolution, records):
 
 
 def build_model(args, tokenizer, vae_dir):
-    from ldm.args import ModelArguments
-    from ldm.model import create_model
+    from ldm.training.args import ModelArguments
+    from ldm.training.build import create_model
 
     model_args = ModelArguments(vae_name_or_path=vae_dir, tokenizer_name=tokenizer, model_max_length=16,
                                 text_encoder_config_file=os.path.join(ROOT, "config", args.preset, "ldmbert.json"),
@@ -56,7 +56,8 @@ def build_model(args, tokenizer, vae_dir):
 
 
 def dataset(args, model, file_list, latent_cache=None):
-    from ldm.data import TextImageStream, as_paddle_dataset
+    from ldm.data.stream import TextImageStream
+    from ldm.data.progress import as_paddle_dataset
 
     extra = {"latent_cache": latent_cache} if latent_cache else {}
     stream = TextImageStream(file_list, args.resolution, model.tokenizer, 16, 0.1, buffer_size=64, seed=23, rank=0, world_size=1, **extra)
@@ -100,7 +101,7 @@ class BareLoop:
         import paddle
         from paddle.io import DataLoader
 
-        from ldm.model import decay_parameter_names
+        from ldm.training.build import decay_parameter_names
 
         decay = decay_parameter_names(model)
         if args.optimizer == "sgd":  # no state: for presets whose AdamW state does not fit in this machine's memory
@@ -116,7 +117,7 @@ class BareLoop:
     def step(self, name):
         import paddle
 
-        from ldm.data import BOOKKEEPING_KEY
+        from ldm.data.progress import BOOKKEEPING_KEY
 
         paddle.jit.enable_to_static(self.variants[name][1])  # compiled layers run eagerly when off
         self.model.train()
@@ -144,8 +145,8 @@ def interleaved(model, data, bare, args, steps, out_dir):
     Ours is timed from the end of the bare steps to the Trainer's next step end (data wait included)."""
     from paddlenlp.trainer import TrainerCallback
 
-    from ldm.args import LDMTrainingArguments
-    from ldm.trainer import StreamTrainer
+    from ldm.training.args import LDMTrainingArguments
+    from ldm.training.trainer import StreamTrainer
 
     ours = []
     mark = [0.0]
@@ -194,7 +195,7 @@ def main():
 
     from paddlenlp.utils.log import logger
 
-    from ldm.runtime import set_cpu_threads
+    from ldm.training.runtime import set_cpu_threads
 
     logger.set_level("WARNING")  # the Trainer's argument dump would bury the table
 
@@ -212,7 +213,7 @@ def main():
         variants = {"plain": (dataset(args, model, file_list), False)}
         data = variants["plain"][0]
         if args.cached:
-            from ldm import cache_latents
+            from ldm.training import cache_latents
 
             start = time.perf_counter()
             cache_latents.main(["--file_list", file_list, "--vae_name_or_path", vae_dir, "--resolution", str(args.resolution),

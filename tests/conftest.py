@@ -54,8 +54,8 @@ def make_parts(tmp_path, num_parts, records_per_part, size=(40, 36)):
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """A small built-in shapes dataset and a tokenizer built from it (session-wide)."""
-    from ldm.sample_data import write_sample_dataset
-    from ldm.tokenizer import build_vocab, iter_captions, write_tokenizer
+    from ldm.data.sample_data import write_sample_dataset
+    from ldm.data.tokenizer import build_vocab, iter_captions, write_tokenizer
 
     root = tmp_path_factory.mktemp("shapes")
     file_list = write_sample_dataset(str(root / "data"), num_parts=2, records_per_part=64, size=40, seed=1)

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from conftest import run_script, write_lists, write_part
-from ldm import data
-from ldm.buckets import choose_bucket, make_buckets
+from ldm.data.progress import StreamProgress, pack_bookkeeping
+from ldm.data.stream import TextImageStream
+from ldm.data.records import decode_image
+from ldm.data.buckets import choose_bucket, make_buckets
 
 SHAPES = [(64, 32), (32, 64), (48, 48), (60, 40), (40, 60), (90, 30)]  # landscape, portrait, square, 3:2, 2:3, 3:1
 
@@ -46,11 +48,11 @@ def halves_png(w, h):
 
 def test_a_wide_image_keeps_its_width():
     buckets = make_buckets(32, 8)
-    pixels = data.decode_image(halves_png(80, 40), 32, buckets=buckets)
+    pixels = decode_image(halves_png(80, 40), 32, buckets=buckets)
     _, h, w = pixels.shape
     assert (w, h) == (40, 24) and w > h
     assert pixels[0, :, 0].min() > 200 and pixels[2, :, -1].min() > 200  # both ends survive the crop
-    square = data.decode_image(halves_png(80, 40), 32)
+    square = decode_image(halves_png(80, 40), 32)
     assert square.shape == (3, 32, 32)
 
 
@@ -82,7 +84,7 @@ def test_cli_reports_each_records_bucket_exactly_once(varied):
 
 
 def bucketed_stream(file_list, state=None):
-    stream = data.TextImageStream(file_list, 32, seed=5, buffer_size=16, rank=0, world_size=1, aspect_ratio_buckets=True,
+    stream = TextImageStream(file_list, 32, seed=5, buffer_size=16, rank=0, world_size=1, aspect_ratio_buckets=True,
                                   bucket_step=8, batch_size=4)
     if state is not None:
         stream.resume(state, 0)
@@ -98,10 +100,10 @@ def bucketed_stream(file_list, state=None):
 
 
 def take(stream, n):
-    progress = data.StreamProgress(1, 0)
+    progress = StreamProgress(1, 0)
     batches = []
     for batch in stream:
-        batch = data.pack_bookkeeping(batch)
+        batch = pack_bookkeeping(batch)
         progress.update(batch)
         batches.append(batch)
         if len(batches) == n:

@@ -12,7 +12,7 @@ from conftest import ROOT, ldm_args, run_script
 @pytest.fixture(scope="module")
 def cache_32(shapes, vae_dir, tmp_path_factory):
     """The shapes data cached at 32 px by the fixture autoencoder."""
-    from ldm import cache_latents
+    from ldm.training import cache_latents
 
     out = tmp_path_factory.mktemp("cache32")
     assert cache_latents.main(["--file_list", shapes["file_list"], "--vae_name_or_path", str(vae_dir), "--resolution", "32",
@@ -21,8 +21,9 @@ def cache_32(shapes, vae_dir, tmp_path_factory):
 
 
 def tiny_model(shapes, vae_dir):
-    from ldm.args import ModelArguments
-    from ldm.model import Recipe, create_model
+    from ldm.training.args import ModelArguments
+    from ldm.models.recipe import Recipe
+    from ldm.training.build import create_model
 
     model_args = ModelArguments(vae_name_or_path=str(vae_dir), tokenizer_name=shapes["tokenizer"], model_max_length=16,
                                 text_encoder_config_file=f"{ROOT}/config/tiny/ldmbert.json", unet_config_file=f"{ROOT}/config/tiny/unet.json")
@@ -33,7 +34,7 @@ def tiny_model(shapes, vae_dir):
 
 
 def first_batch(file_list, model, cache=None, count=4):
-    from ldm.data import TextImageStream
+    from ldm.data.stream import TextImageStream
 
     stream = TextImageStream(file_list, 32, model.tokenizer, 16, 0.0, buffer_size=16, seed=5, rank=0, world_size=1, latent_cache=cache)
     samples = list(itertools.islice(iter(stream), count))
@@ -42,7 +43,7 @@ def first_batch(file_list, model, cache=None, count=4):
 
 def test_cached_parts_keep_the_seed_columns(shapes, cache_32):
     """Every record keeps columns 1-3 byte for byte, in the same order; column 4 holds the moments."""
-    from ldm.data import read_file_list
+    from ldm.data.filelists import read_file_list
 
     source = [p for e in read_file_list(shapes["file_list"]) for p in e.parts]
     cached = [p for e in read_file_list(cache_32) for p in e.parts]
@@ -58,7 +59,7 @@ def test_cached_parts_keep_the_seed_columns(shapes, cache_32):
 
 def test_same_loss_with_and_without_the_cache(shapes, vae_dir, cache_32):
     """Same records, same RNG state: the cached moments (float16) give the loss of encoding the images."""
-    from ldm.cache_latents import probe_cache
+    from ldm.training.cache_latents import probe_cache
 
     cache, message, warning = probe_cache(cache_32, str(vae_dir), 32)
     assert cache is not None and not warning, message
@@ -104,7 +105,7 @@ def test_cache_of_another_resolution_falls_back_with_a_warning(shapes, vae_dir, 
 def test_two_processes_write_the_same_cache(shapes, vae_dir, cache_32, tmp_path):
     """Under paddle.distributed.launch each process caches its stride of the parts; together they
     write what one process writes, and a re-run keeps the finished parts."""
-    from ldm.data import read_file_list
+    from ldm.data.filelists import read_file_list
 
     out = tmp_path / "cache2"
 

@@ -13,9 +13,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import ROOT, ldm_args, run_script
-from ldm import checkpoint
-from ldm.checkpoint_io import decode, read_state
-from ldm.data import StreamProgress
+from ldm.training import checkpoint
+from ldm.training.checkpoint_io import decode, read_state
+from ldm.data.progress import StreamProgress
 
 WRAPPER = os.path.join(ROOT, "tests", "fault_wrapper.py")
 EXTRA = ["--image_logging_steps", "0", "--save_steps", "2", "--save_total_limit", "3", "--use_ema", "--ema_decay", "0.9"]
@@ -270,7 +270,7 @@ def test_crafted_pickles_are_refused_without_trust_pickle(shapes, vae_dir, tmp_p
 
 def to_old_trainer_format(ckpt):
     """Rewrite a checkpoint as the Trainer script wrote it before this layout (Paddle pickles, no manifest)."""
-    from ldm.checkpoint_io import _generator_from_json
+    from ldm.training.checkpoint_io import _generator_from_json
 
     paddle.save({k: paddle.to_tensor(v) for k, v in load_file(str(ckpt / "model.safetensors")).items()}, str(ckpt / "model_state.pdparams"))
     paddle.save(read_state(str(ckpt), "optimizer"), str(ckpt / "optimizer.pdopt"))
@@ -296,7 +296,7 @@ def test_an_old_pickled_checkpoint_resumes_exactly_with_trust_pickle_only(shapes
 
 def to_old_loop_format(ckpt):
     """Rewrite an explicit-loop checkpoint as that loop wrote it before this layout (optimizer and RNG pickled, no manifest)."""
-    from ldm.checkpoint_io import _generator_from_json
+    from ldm.training.checkpoint_io import _generator_from_json
 
     paddle.save(read_state(str(ckpt), "optimizer"), str(ckpt / "optimizer.pdopt"))
     rng = json.load(open(ckpt / "rng_state_rank0.json"))

@@ -5,9 +5,9 @@ import sys
 import pytest
 
 from conftest import ldm_args, run_script
-from ldm.args import DataArguments, LDMTrainingArguments, LoopArguments, ModelArguments, parse_args
-from ldm.autoencoder import build_autoencoder
-from ldm.model import build_text_encoder, build_unet
+from ldm.training.args import DataArguments, LDMTrainingArguments, LoopArguments, ModelArguments, parse_args
+from ldm.models.autoencoder import build_autoencoder
+from ldm.models.ldm import build_text_encoder, build_unet
 
 
 def with_typo(tmp_path, preset, key):

@@ -58,7 +58,7 @@ def test_settings_not_given_are_adopted_from_the_directory(shapes, vzero_dir, tm
     # args.json says what was trained, so checkpoint-1 rebuilds (and samples) the same model.
     saved = json.load(open(out / "checkpoint-1" / "args.json"))
     assert (saved["prediction_type"], saved["zero_terminal_snr"]) == ("v_prediction", True)
-    from ldm.loading import model_from_checkpoint
+    from ldm.evaluation.loading import model_from_checkpoint
 
     model, _ = model_from_checkpoint(str(out / "checkpoint-1"))
     assert float(model.noise_scheduler.alphas_cumprod[-1]) == 0.0  # SNR(T) = 0, as trained

@@ -13,7 +13,12 @@ import pytest
 from PIL import Image
 
 from conftest import jpeg_b64, ldm_args, make_parts, run_script, write_lists, write_part
-from ldm import data
+import ldm.data.stream
+from ldm.data.shards import CURSOR_FIELDS, ShardStream
+from ldm.data.records import SKIP_REASONS, decode_image, explain_barren, load_image, parse_line, skips_from_vector, to_rgb
+from ldm.data.progress import StreamProgress, as_paddle_dataset
+from ldm.data.stream import TextImageStream
+from ldm.data.filelists import read_file_list
 
 
 def inspect(file_list, world_size, num_workers, resolution=32, seed=0, extra=(), logs=None):
@@ -57,7 +62,7 @@ def test_stream_is_deterministic_and_reshuffled_per_pass(tmp_path):
     file_list = write_lists(tmp_path, parts)
 
     def first(n, seed):
-        stream = data.TextImageStream(file_list, 32, seed=seed, buffer_size=4, rank=0, world_size=1)
+        stream = TextImageStream(file_list, 32, seed=seed, buffer_size=4, rank=0, world_size=1)
         out = []
         for rec in stream.records(stream.shard_stream(0, 1)):
             out.append((rec["part"], rec["line"], rec["pass"]))
@@ -145,7 +150,7 @@ CUT_IMAGES = {"png": ("PNG", {}), "jpeg": ("JPEG", {}), "progressive_jpeg": ("JP
 @pytest.mark.parametrize("name", sorted(CUT_IMAGES))
 def test_cut_image_is_a_truncated_image_skip(name):
     fmt, save_args = CUT_IMAGES[name]
-    pixels, reason = data.load_image(base64.b64decode(cut_image_b64(fmt, **save_args)), 32)
+    pixels, reason = load_image(base64.b64decode(cut_image_b64(fmt, **save_args)), 32)
     assert pixels is None and reason == "truncated_image"
 
 
@@ -172,7 +177,7 @@ def bomb_b64():
 
 
 def test_decompression_bomb_is_skipped_not_decoded():
-    pixels, reason = data.load_image(base64.b64decode(bomb_b64()), 32)
+    pixels, reason = load_image(base64.b64decode(bomb_b64()), 32)
     assert pixels is None and reason == "too_many_pixels"
 
 
@@ -189,7 +194,7 @@ def test_decompression_bomb_is_skipped_not_decoded():
     ],
 )
 def test_image_modes_convert_correctly(mode, value, expected):
-    rgb = np.asarray(data.to_rgb(Image.new(mode, (4, 4), value)))
+    rgb = np.asarray(to_rgb(Image.new(mode, (4, 4), value)))
     assert rgb.shape == (4, 4, 3)
     assert np.abs(rgb[0, 0].astype(int) - np.array(expected)).max() <= 1
 
@@ -197,7 +202,7 @@ def test_image_modes_convert_correctly(mode, value, expected):
 def test_palette_image_converts():
     image = Image.new("P", (4, 4))
     image.putpalette([0, 0, 255] * 256)
-    assert tuple(np.asarray(data.to_rgb(image))[0, 0]) == (0, 0, 255)
+    assert tuple(np.asarray(to_rgb(image))[0, 0]) == (0, 0, 255)
 
 
 def text_rule(raw):
@@ -223,7 +228,7 @@ def test_lines_split_as_bytes_get_the_verdicts_of_the_decoded_text():
              b"cap\t_\tQU\xffJD\n", "cap\t_\tQU\u00e9D\n".encode(), b"", b"\n", b"cap\t_\t" + image, b"cap\t_\t" + image + b"\t\r\n",
              b"a\tb\t\n", b"\t\t\r\n", b"cap\t_\t" + image + b"\n\r\n", b"cap\t_\t" + image + b"\r\n\t"]
     for raw in lines:
-        assert data.parse_line(raw) == text_rule(raw), raw[:40]
+        assert parse_line(raw) == text_rule(raw), raw[:40]
 
 
 def test_pixels_are_channels_first_in_rgb_order():
@@ -234,13 +239,13 @@ def test_pixels_are_channels_first_in_rgb_order():
     hwc[..., 2] = 77
     buf = io.BytesIO()
     Image.fromarray(hwc).save(buf, format="PNG")
-    pixels = data.decode_image(buf.getvalue(), 64)
+    pixels = decode_image(buf.getvalue(), 64)
     assert pixels.shape == (3, 64, 64) and pixels.flags.writeable
     np.testing.assert_array_equal(pixels, hwc.transpose(2, 0, 1))
 
 
 def test_pixels_are_resized_and_cropped():
-    pixels, reason = data.load_image(base64.b64decode(jpeg_b64((64, 48), (255, 255, 255))), 32)
+    pixels, reason = load_image(base64.b64decode(jpeg_b64((64, 48), (255, 255, 255))), 32)
     assert reason is None and pixels.shape == (3, 32, 32) and pixels.dtype == np.uint8
     assert pixels.min() >= 250  # white stays white through resize and crop
 
@@ -251,11 +256,11 @@ def test_list_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.list"
     bad.write_text(f"{tmp_path / 'missing.filelist'}\n")
     with pytest.raises(ValueError, match="does not exist"):
-        data.read_file_list(str(bad))
+        read_file_list(str(bad))
     weighted = tmp_path / "w.list"
     weighted.write_text(f"{bad} abc\n")
     with pytest.raises(ValueError, match="not a number"):
-        data.read_file_list(str(weighted))
+        read_file_list(str(weighted))
 
 
 def test_lists_skip_comments_and_resolve_relative_paths(tmp_path, monkeypatch):
@@ -263,7 +268,7 @@ def test_lists_skip_comments_and_resolve_relative_paths(tmp_path, monkeypatch):
     (tmp_path / "rel.filelist").write_text("# a comment\n\n" + "\n".join(os.path.basename(p) for p in parts) + "\n")
     (tmp_path / "rel.list").write_text("# lists\n./rel.filelist 2.5\n")
     monkeypatch.chdir(tmp_path)
-    entries = data.read_file_list("rel.list")
+    entries = read_file_list("rel.list")
     assert len(entries) == 1 and entries[0].weight == 2.5 and len(entries[0].parts) == 2
 
 
@@ -275,7 +280,7 @@ def test_weighted_filelists_are_drawn_by_weight(tmp_path):
     (tmp_path / "a.filelist").write_text(a[0] + "\n")
     (tmp_path / "b.filelist").write_text(b[0] + "\n")
     (tmp_path / "w.list").write_text(f"{tmp_path / 'a.filelist'} 3\n{tmp_path / 'b.filelist'} 1\n")
-    stream = data.ShardStream(data.read_file_list(str(tmp_path / "w.list")), 0, 1, seed=0, window=4)
+    stream = ShardStream(read_file_list(str(tmp_path / "w.list")), 0, 1, seed=0, window=4)
     drawn = [rec.list_index for _, rec in zip(range(400), stream)]
     share_a = drawn.count(0) / len(drawn)
     assert 0.68 < share_a < 0.82
@@ -291,7 +296,7 @@ def test_stream_resumes_exactly_from_a_saved_position(tmp_path, cut, parts_per_w
     (tmp_path / "a.filelist").write_text("\n".join(a) + "\n")
     (tmp_path / "b.filelist").write_text("\n".join(b) + "\n")
     (tmp_path / "w.list").write_text(f"{tmp_path / 'a.filelist'} 2\n{tmp_path / 'b.filelist'}\n")
-    entries = data.read_file_list(str(tmp_path / "w.list"))
+    entries = read_file_list(str(tmp_path / "w.list"))
 
     def take(stream, n):
         out = []
@@ -301,7 +306,7 @@ def test_stream_resumes_exactly_from_a_saved_position(tmp_path, cut, parts_per_w
                 return out, stream.state.copy()
 
     def stream(state=None):
-        return data.ShardStream(entries, 1, 2, seed=3, window=3, state=state, parts_per_window=parts_per_window)
+        return ShardStream(entries, 1, 2, seed=3, window=3, state=state, parts_per_window=parts_per_window)
 
     full, _ = take(stream(), 80)
     head, state = take(stream(), cut) if cut else ([], None)
@@ -314,10 +319,10 @@ def test_a_batch_mixes_several_parts(tmp_path):
     parts = [str(tmp_path / f"part-{p:05d}.gz") for p in range(8)]
     for p, path in enumerate(parts):
         write_part(path, [f"part {p} line {n}\t_\tAAAA" for n in range(192)])  # raw records: never decoded here
-    entries = data.read_file_list(write_lists(tmp_path, parts))
+    entries = read_file_list(write_lists(tmp_path, parts))
 
     def parts_per_batch(parts_per_window):
-        stream = data.ShardStream(entries, 0, 1, seed=0, window=64, parts_per_window=parts_per_window)
+        stream = ShardStream(entries, 0, 1, seed=0, window=64, parts_per_window=parts_per_window)
         records = [rec.part for _, rec in zip(range(8 * 192), stream)]
         assert sorted(records) == sorted(p for p in parts for _ in range(192)), "one pass reads every record once"
         return np.mean([len(set(records[i : i + 16])) for i in range(0, len(records), 16)])
@@ -335,7 +340,7 @@ def test_exif_orientation_is_applied_before_the_crop():
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     buf = io.BytesIO()
     stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
-    pixels, reason = data.load_image(buf.getvalue(), 32)
+    pixels, reason = load_image(buf.getvalue(), 32)
     assert reason is None and pixels.shape == (3, 32, 32)
     left, right = pixels[:, :, :8].reshape(3, -1).mean(1), pixels[:, :, -8:].reshape(3, -1).mean(1)
     assert left[0] > 200 and left[2] < 60, "left of the crop should be red"
@@ -344,18 +349,18 @@ def test_exif_orientation_is_applied_before_the_crop():
 
 def test_max_aspect_ratio_skips_elongated_images():
     banner = base64.b64decode(jpeg_b64((240, 40)))
-    assert data.load_image(banner, 32)[1] is None  # kept by default, as the seed does
-    assert data.load_image(banner, 32, max_aspect_ratio=6.0)[1] is None
-    assert data.load_image(banner, 32, max_aspect_ratio=5.9) == (None, "extreme_aspect_ratio")
+    assert load_image(banner, 32)[1] is None  # kept by default, as the seed does
+    assert load_image(banner, 32, max_aspect_ratio=6.0)[1] is None
+    assert load_image(banner, 32, max_aspect_ratio=5.9) == (None, "extreme_aspect_ratio")
     tall = base64.b64decode(jpeg_b64((40, 240)))
-    assert data.load_image(tall, 32, max_aspect_ratio=3.0) == (None, "extreme_aspect_ratio")
+    assert load_image(tall, 32, max_aspect_ratio=3.0) == (None, "extreme_aspect_ratio")
 
 
 def collated(stream, batches, batch_size=4):
     """The first `batches` batches of a stream through paddle's DataLoader (as training reads it)."""
     from paddle.io import DataLoader
 
-    loader = DataLoader(data.as_paddle_dataset(stream), batch_size=batch_size, num_workers=0)
+    loader = DataLoader(as_paddle_dataset(stream), batch_size=batch_size, num_workers=0)
     out = []
     for batch in loader:
         out.append(batch)
@@ -369,7 +374,7 @@ def test_caption_dropout_is_drawn_per_record_from_its_place_in_the_stream(shapes
     from paddlenlp.transformers import BertTokenizer
 
     tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
-    stream = data.TextImageStream(shapes["file_list"], 32, tokenizer, 16, 0.3, buffer_size=16, seed=7, rank=0, world_size=1)
+    stream = TextImageStream(shapes["file_list"], 32, tokenizer, 16, 0.3, buffer_size=16, seed=7, rank=0, world_size=1)
     empty = stream.encode_caption("")
     samples = list(itertools.islice(stream, 128))
     dropped = [bool((s["input_ids"] == empty).all()) for s in samples]
@@ -386,9 +391,9 @@ def test_a_pass_with_every_record_skipped_stops_the_run(tmp_path, shapes):
 
     tokenizer = BertTokenizer.from_pretrained(shapes["tokenizer"])
     parts = make_parts(tmp_path, 3, 30, size=(40, 36))
-    stream = data.TextImageStream(write_lists(tmp_path, parts), 64, tokenizer, 16, seed=0, rank=0, world_size=1, buffer_size=8)
+    stream = TextImageStream(write_lists(tmp_path, parts), 64, tokenizer, 16, seed=0, rank=0, world_size=1, buffer_size=8)
     start = time.time()
-    progress = data.StreamProgress(1, 0)
+    progress = StreamProgress(1, 0)
     for batch in collated(stream, 3):
         assert batch["pixel_values"].shape == [4, 3, 64, 64] and batch["input_ids"].shape == [4, 16]
         progress.update(batch)
@@ -399,8 +404,8 @@ def test_a_pass_with_every_record_skipped_stops_the_run(tmp_path, shapes):
 
 
 def test_real_samples_carry_no_data_error_and_fatal_stays_unset(tmp_path):
-    stream = data.TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 2, 6)), 32, seed=0, rank=0, world_size=1, buffer_size=4)
-    progress = data.StreamProgress(1, 0)
+    stream = TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 2, 6)), 32, seed=0, rank=0, world_size=1, buffer_size=4)
+    progress = StreamProgress(1, 0)
     for batch in collated(stream, 6):  # 24 samples: two passes over 12 records
         progress.update(batch)
     assert progress.fatal is None
@@ -413,10 +418,10 @@ def test_one_barren_filelist_does_not_stop_the_others(tmp_path):
     (tmp_path / "good.filelist").write_text(good[0] + "\n")
     (tmp_path / "small.filelist").write_text(small[0] + "\n")
     (tmp_path / "w.list").write_text(f"{tmp_path / 'good.filelist'}\n{tmp_path / 'small.filelist'}\n")
-    stream = data.TextImageStream(str(tmp_path / "w.list"), 32, seed=0, rank=0, world_size=1, buffer_size=4)
+    stream = TextImageStream(str(tmp_path / "w.list"), 32, seed=0, rank=0, world_size=1, buffer_size=4)
     samples = [s for _, s in zip(range(40), stream)]  # 8 passes of the good filelist
     assert all(s["data_error"] == 0 for s in samples)
-    assert samples[-1]["skips"][data.SKIP_REASONS.index("too_small")] >= 20
+    assert samples[-1]["skips"][SKIP_REASONS.index("too_small")] >= 20
 
 
 def test_one_bad_part_never_stops_a_shard_that_reads_one_part_a_pass(tmp_path):
@@ -424,7 +429,7 @@ def test_one_bad_part_never_stops_a_shard_that_reads_one_part_a_pass(tmp_path):
     parts = make_parts(tmp_path, 3, 4)
     bad = tmp_path / "part-00003.gz"
     bad.write_text("plain text, not gzip\n")
-    stream = data.TextImageStream(write_lists(tmp_path, parts + [str(bad)]), 32, seed=0, rank=0, world_size=1, buffer_size=4)
+    stream = TextImageStream(write_lists(tmp_path, parts + [str(bad)]), 32, seed=0, rank=0, world_size=1, buffer_size=4)
     for worker in range(4):
         shard = stream.shard_stream(worker, 4)
         got = [rec for _, rec in zip(range(30), stream.records(shard))]
@@ -438,15 +443,15 @@ def test_parts_that_cannot_be_read_at_all_stop_the_run_with_their_reason(tmp_pat
         path = tmp_path / f"part-{p:05d}.gz"
         path.write_text("a part saved as plain text\n")
         parts.append(str(path))
-    stream = data.TextImageStream(write_lists(tmp_path, parts), 32, seed=0, rank=0, world_size=1)
+    stream = TextImageStream(write_lists(tmp_path, parts), 32, seed=0, rank=0, world_size=1)
     sample = next(iter(stream))
     assert sample["data_error"] == 1
-    assert "likely cause: its parts named .gz are not gzip files" in data.explain_barren(data.skips_from_vector(sample["skips"]))
+    assert "likely cause: its parts named .gz are not gzip files" in explain_barren(skips_from_vector(sample["skips"]))
 
 
 def test_early_hint_when_the_first_records_are_all_skipped(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "EARLY_WARNING_SKIPS", 5)
-    stream = data.TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 1, 8)), 64, seed=0, rank=0, world_size=1)
+    monkeypatch.setattr(ldm.data.stream, "EARLY_WARNING_SKIPS", 5)
+    stream = TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 1, 8)), 64, seed=0, rank=0, world_size=1)
     list(stream.records(stream.shard_stream(0, 1)))
     err = capsys.readouterr().err
     assert "no usable record among the first 5 read" in err and "too_small: 5" in err
@@ -461,17 +466,17 @@ def test_inspect_ends_a_barren_pass_and_says_why(tmp_path):
 
 
 def test_resumed_skip_counts_from_an_older_checkpoint_are_padded(tmp_path):
-    stream = data.TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 1, 3)), 32, seed=0, rank=0, world_size=1)
-    old = {"position": [0] * (1 + data.CURSOR_FIELDS), "skips": [1, 2, 3, 4, 5, 6, 7]}  # before truncated_image etc.
+    stream = TextImageStream(write_lists(tmp_path, make_parts(tmp_path, 1, 3)), 32, seed=0, rank=0, world_size=1)
+    old = {"position": [0] * (1 + CURSOR_FIELDS), "skips": [1, 2, 3, 4, 5, 6, 7]}  # before truncated_image etc.
     stream.resume({"world_size": 1, "num_workers": 1, "batches": 0, "workers": {"0": old}}, 0)
     vector = stream.shard_stream(0, 1).skips.as_vector()
-    assert vector.tolist() == [1, 2, 3, 4, 5, 6, 7] + [0] * (len(data.SKIP_REASONS) - 7)
+    assert vector.tolist() == [1, 2, 3, 4, 5, 6, 7] + [0] * (len(SKIP_REASONS) - 7)
 
 
 def test_fast_caption_encoder_gives_the_paddlenlp_ids(shapes):
     from paddlenlp.transformers import BertTokenizer
 
-    from ldm.tokenizer import CaptionEncoder
+    from ldm.data.tokenizer import CaptionEncoder
 
     encoder = CaptionEncoder(BertTokenizer.from_pretrained(shapes["tokenizer"]), 16)
     assert encoder.fast is not None, "the fast twin was rejected on the probes"
@@ -484,7 +489,7 @@ def test_fast_caption_encoder_gives_the_paddlenlp_ids(shapes):
 def test_model_maps_stream_pixels_to_minus_one_one():
     import paddle
 
-    from ldm.model import to_model_range
+    from ldm.models.ldm import to_model_range
 
     x = paddle.to_tensor(np.array([[[0, 255], [128, 64]]], dtype=np.uint8))
     y = to_model_range(x).numpy()
@@ -496,7 +501,7 @@ def test_tokenizer_learns_subwords_from_the_caption_column_only(tmp_path):
     column 1 alone (a record with a broken image still lends its caption), loaded by paddlenlp."""
     from paddlenlp.transformers import BertTokenizer
 
-    from ldm.tokenizer import CaptionEncoder
+    from ldm.data.tokenizer import CaptionEncoder
 
     words = ["sun", "flower", "sunlight", "flowers", "garden", "gardener", "photo", "painting", "red", "yellow"]
     rng = np.random.default_rng(0)

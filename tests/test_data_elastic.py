@@ -7,11 +7,14 @@ import os
 import pytest
 
 from conftest import make_parts, write_lists
-from ldm import checkpoint, data
+from ldm.training import checkpoint, data_position
+from ldm.data.records import SKIP_REASONS
+from ldm.data.progress import StreamProgress
+from ldm.data.stream import TextImageStream
 
 
 def stream_for(file_list, rank, world_size):
-    return data.TextImageStream(file_list, 32, seed=3, buffer_size=5, rank=rank, world_size=world_size, parts_per_window=2)
+    return TextImageStream(file_list, 32, seed=3, buffer_size=5, rank=rank, world_size=world_size, parts_per_window=2)
 
 
 def run_layout(file_list, world_size, num_workers, take, resume_from=None):
@@ -20,8 +23,8 @@ def run_layout(file_list, world_size, num_workers, take, resume_from=None):
     records, states = [], []
     for rank in range(world_size):
         stream = stream_for(file_list, rank, world_size)
-        saved = checkpoint.resume_data_stream(stream, str(resume_from), rank, num_workers, False) if resume_from else None
-        progress = data.StreamProgress(world_size, num_workers, saved, stream=stream)
+        saved = data_position.resume_data_stream(stream, str(resume_from), rank, num_workers, False) if resume_from else None
+        progress = StreamProgress(world_size, num_workers, saved, stream=stream)
         for worker in range(max(1, num_workers)):
             shard = stream.shard_stream(worker, max(1, num_workers))
             n = take(rank, worker)
@@ -39,7 +42,7 @@ def run_layout(file_list, world_size, num_workers, take, resume_from=None):
 def save(states, ckpt):
     os.makedirs(ckpt, exist_ok=True)
     for rank, state in enumerate(states):
-        with open(checkpoint.data_position_file(str(ckpt), rank), "w") as f:
+        with open(data_position.data_position_file(str(ckpt), rank), "w") as f:
             json.dump(state, f)
     with open(os.path.join(ckpt, "args.json"), "w") as f:
         json.dump({"resolution": 32}, f)
@@ -88,7 +91,7 @@ def test_a_resume_in_the_middle_of_the_old_passes_is_exact_and_a_second_change_t
     assert sorted(passes[0]) == everything and sorted(passes[1]) == everything
     # Another layout change while the old passes are unfinished: one line, and what to do.
     with pytest.raises(ValueError, match="still finishing the passes of an earlier layout change.*resume it on 1 x 3"):
-        checkpoint.resume_data_stream(stream_for(file_list, 0, 2), str(tmp_path / "checkpoint-2"), 0, 1, False)
+        data_position.resume_data_stream(stream_for(file_list, 0, 2), str(tmp_path / "checkpoint-2"), 0, 1, False)
 
 
 def test_skip_counts_survive_a_layout_change(tmp_path):
@@ -96,12 +99,12 @@ def test_skip_counts_survive_a_layout_change(tmp_path):
     gone = str(tmp_path / "gone.gz")
     file_list = write_lists(tmp_path, parts + [gone])
     _, states = run_layout(file_list, 2, 1, lambda r, w: 7)
-    total = sum(s["skips"][data.SKIP_REASONS.index("missing_part")] for st in states for s in st["workers"].values())
+    total = sum(s["skips"][SKIP_REASONS.index("missing_part")] for st in states for s in st["workers"].values())
     assert total >= 1
     save(states, tmp_path / "checkpoint-3")
     stream = stream_for(file_list, 0, 1)
-    saved = checkpoint.resume_data_stream(stream, str(tmp_path / "checkpoint-3"), 0, 3, False)
-    assert sum(w["skips"][data.SKIP_REASONS.index("missing_part")] for w in saved["workers"].values()) == total
+    saved = data_position.resume_data_stream(stream, str(tmp_path / "checkpoint-3"), 0, 3, False)
+    assert sum(w["skips"][SKIP_REASONS.index("missing_part")] for w in saved["workers"].values()) == total
 
 
 def test_the_training_script_resumes_on_more_dataloader_workers(shapes, vae_dir, tmp_path):
@@ -114,6 +117,6 @@ def test_the_training_script_resumes_on_more_dataloader_workers(shapes, vae_dir,
     res = run_script(no_trainer_args(shapes, vae_dir, out, 4, ["--num_workers", "2", "--save_steps", "2"]))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "data position carried over from 1 x 1 to 1 x 2" in res.stderr
-    with open(checkpoint.data_position_file(str(out / "checkpoint-4"), 0)) as f:
+    with open(data_position.data_position_file(str(out / "checkpoint-4"), 0)) as f:
         saved = json.load(f)
     assert saved["num_workers"] == 2 and set(saved["workers"]) == {"0", "1"}

@@ -8,7 +8,9 @@ import os
 from PIL import Image
 
 from conftest import make_parts, run_script, write_lists, write_part
-from ldm import data
+from ldm.data.records import SKIP_REASONS
+from ldm.data.progress import StreamProgress, pack_bookkeeping
+from ldm.data.stream import TextImageStream
 from test_buckets import SHAPES, halves_png
 
 
@@ -24,7 +26,7 @@ def elongated_data(tmp_path):
 
 
 def bucketed(file_list, max_aspect_ratio):
-    return data.TextImageStream(file_list, 32, seed=5, buffer_size=16, rank=0, world_size=1, aspect_ratio_buckets=True,
+    return TextImageStream(file_list, 32, seed=5, buffer_size=16, rank=0, world_size=1, aspect_ratio_buckets=True,
                                 bucket_step=8, batch_size=4, max_aspect_ratio=max_aspect_ratio)
 
 
@@ -36,22 +38,22 @@ def test_carried_records_that_no_longer_decode_are_skipped_and_counted(tmp_path)
         return max(w, h) / min(w, h)
 
     # A checkpoint whose bucket queues hold records more elongated than 1.4:1.
-    progress = data.StreamProgress(1, 0)
+    progress = StreamProgress(1, 0)
     for batch in bucketed(file_list, 3.5):
-        progress.update(data.pack_bookkeeping(batch))
+        progress.update(pack_bookkeeping(batch))
         carry = progress.state_dict()["workers"]["0"].get("carry", [])
         if sum(ratio(p, n) > 1.4 for p, n, _ in carry) >= 2:
             break
     state = json.loads(json.dumps(progress.state_dict()))
     elongated = sum(ratio(p, n) > 1.4 for p, n, _ in carry)
-    before = state["workers"]["0"]["skips"][data.SKIP_REASONS.index("extreme_aspect_ratio")]
+    before = state["workers"]["0"]["skips"][SKIP_REASONS.index("extreme_aspect_ratio")]
 
     resumed = bucketed(file_list, 1.4)
     resumed.resume(state, 0)
     batches = [b for _, b in zip(range(3), resumed)]
     assert all(b["data_error"] == 0 for b in batches)
     assert all(max(b["pixel_values"].shape[2:]) <= 1.4 * min(b["pixel_values"].shape[2:]) for b in batches)
-    counted = batches[0]["skips"][data.SKIP_REASONS.index("extreme_aspect_ratio")] - before
+    counted = batches[0]["skips"][SKIP_REASONS.index("extreme_aspect_ratio")] - before
     assert counted >= elongated, f"{elongated} carried records over 1.4:1, {counted} counted"
 
 
@@ -68,7 +70,7 @@ def test_a_fifo_a_device_or_a_folder_listed_as_a_part_is_skipped_not_opened(tmp_
     summary = json.loads(res.stderr.strip().splitlines()[-1])
     assert summary["skipped"]["not_a_file"] == 3 and summary["skipped"]["missing_part"] == 0
     assert "not a regular file" in res.stderr  # (the first not_a_file skip is logged with why)
-    assert data.SKIP_REASONS[12] == "not_a_file", "new reasons go at the end: checkpoints save the counts in this order"
+    assert SKIP_REASONS[12] == "not_a_file", "new reasons go at the end: checkpoints save the counts in this order"
 
 
 def test_prepare_reads_each_image_once_through_a_symlink_loop(tmp_path):

@@ -7,7 +7,9 @@ import pytest
 
 from conftest import make_parts, run_script, write_lists
 from conftest import loop_resume_args as no_trainer_args
-from ldm import checkpoint, data
+from ldm.training import checkpoint, data_position
+from ldm.data.progress import StreamProgress, pack_bookkeeping
+from ldm.data.stream import TextImageStream
 
 
 def make_data(tmp_path, num_parts=4, records=6):
@@ -20,16 +22,16 @@ def make_data(tmp_path, num_parts=4, records=6):
 
 
 def stream_of(file_list, resolution=32, seed=0, buffer_size=8, parts_per_window=4):
-    return data.TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, parts_per_window=parts_per_window, rank=0, world_size=1)
+    return TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, parts_per_window=parts_per_window, rank=0, world_size=1)
 
 
 def save_position(stream, ckpt, records=5, resolution=32):
     """A checkpoint directory with the data position after `records` records, as the training loops write it."""
-    progress = data.StreamProgress(1, 0, stream=stream)
+    progress = StreamProgress(1, 0, stream=stream)
     for sample in (s for _, s in zip(range(records), stream)):
-        progress.update(data.pack_bookkeeping(sample))
+        progress.update(pack_bookkeeping(sample))
     os.makedirs(ckpt, exist_ok=True)
-    with open(checkpoint.data_position_file(str(ckpt), 0), "w") as f:
+    with open(data_position.data_position_file(str(ckpt), 0), "w") as f:
         json.dump(progress.state_dict(), f)
     with open(os.path.join(ckpt, "args.json"), "w") as f:
         json.dump({"resolution": resolution, "aspect_ratio_buckets": False}, f)
@@ -37,7 +39,7 @@ def save_position(stream, ckpt, records=5, resolution=32):
 
 
 def resume(stream, ckpt, ignore_data_skip=False):
-    return checkpoint.resume_data_stream(stream, str(ckpt), 0, 0, ignore_data_skip)
+    return data_position.resume_data_stream(stream, str(ckpt), 0, 0, ignore_data_skip)
 
 
 @pytest.mark.parametrize("change,expected", [
@@ -105,7 +107,7 @@ def test_a_checkpoint_without_fingerprint_resumes_with_a_warning(tmp_path):
     file_list, _ = make_data(tmp_path)
     saved = save_position(stream_of(file_list), tmp_path / "checkpoint-4")
     del saved["data_order"]
-    with open(checkpoint.data_position_file(str(tmp_path / "checkpoint-4"), 0), "w") as f:
+    with open(data_position.data_position_file(str(tmp_path / "checkpoint-4"), 0), "w") as f:
         json.dump(saved, f)
     stream = stream_of(file_list, buffer_size=16)
     assert resume(stream, tmp_path / "checkpoint-4") == saved
@@ -155,7 +157,7 @@ def test_a_restarted_stream_reads_a_new_pass_in_a_new_order(tmp_path, how):
     assert sorted(keys(records)) == everything, "the new pass reads every record exactly once"
     assert keys(records)[:8] != pass0[:8], "the new pass replays pass 0's first records"
     # A worker that has not yielded when the next checkpoint is written starts at that pass too.
-    progress = data.StreamProgress(1, 0, stream=stream)
+    progress = StreamProgress(1, 0, stream=stream)
     assert progress.state_dict()["first_pass"] == 1
     again = stream_of(file_list)
     again.resume(progress.state_dict(), 0)

@@ -5,7 +5,9 @@ import collections
 import pytest
 
 from conftest import make_parts, run_script, write_part
-from ldm import data
+from ldm.data.shards import ShardStream
+from ldm.data.stream import TextImageStream
+from ldm.data.filelists import read_file_list
 
 
 def weighted_lists(tmp_path, sizes):
@@ -17,12 +19,12 @@ def weighted_lists(tmp_path, sizes):
         (tmp_path / f"{name}.filelist").write_text(part + "\n")
         rows.append(f"{tmp_path / (name + '.filelist')} {weight}")
     (tmp_path / "w.list").write_text("\n".join(rows) + "\n")
-    return data.read_file_list(str(tmp_path / "w.list"))
+    return read_file_list(str(tmp_path / "w.list"))
 
 
 def test_the_others_keep_their_ratio_after_one_filelist_runs_out(tmp_path):
     entries = weighted_lists(tmp_path, {"big": (8, 2000), "small": (1, 20), "other": (1, 2000)})
-    drawn = [rec.list_index for rec in data.ShardStream(entries, 0, 1, seed=0, window=64, passes=1)]
+    drawn = [rec.list_index for rec in ShardStream(entries, 0, 1, seed=0, window=64, passes=1)]
     assert collections.Counter(drawn) == {0: 2000, 1: 20, 2: 2000}, "one pass reads every line once"
     after = drawn[max(i for i, d in enumerate(drawn) if d == 1) + 1 :][:1500]
     share_other = after.count(2) / len(after)
@@ -38,7 +40,7 @@ def test_draws_after_a_filelist_ran_out_resume_exactly(tmp_path, sizes):
     entries = weighted_lists(tmp_path, sizes)
 
     def stream(state=None):
-        return data.ShardStream(entries, 0, 1, seed=4, window=16, state=state, passes=1)
+        return ShardStream(entries, 0, 1, seed=4, window=16, state=state, passes=1)
 
     full = [(r.list_index, r.line) for r in stream()]
     for cut in range(1, len(full), 3):
@@ -55,11 +57,11 @@ def test_a_filelist_without_any_part_stops_the_start_up_naming_it(tmp_path, capf
     (tmp_path / "b.filelist").write_text(f"{tmp_path / 'gone-2.gz'}\n{tmp_path / 'gone-3.gz'}\n")
     (tmp_path / "w.list").write_text(f"{tmp_path / 'a.filelist'} 9\n{tmp_path / 'b.filelist'}\n")
     with pytest.raises(ValueError) as e:
-        data.TextImageStream(str(tmp_path / "w.list"), 32, rank=0, world_size=1)
+        TextImageStream(str(tmp_path / "w.list"), 32, rank=0, world_size=1)
     message = str(e.value)
     assert "\n" not in message and "b.filelist" in message and "--allow_missing_parts" in message, message
     capfd.readouterr()
-    stream = data.TextImageStream(str(tmp_path / "w.list"), 32, rank=0, world_size=1, allow_missing_parts=True)
+    stream = TextImageStream(str(tmp_path / "w.list"), 32, rank=0, world_size=1, allow_missing_parts=True)
     err = capfd.readouterr().err
     assert "a.filelist: 2 of 3 parts found, 1 missing" in err and "b.filelist: 0 of 2 parts found, 2 missing" in err, err
     assert len(list(stream.records(stream.shard_stream(0, 1, passes=1)))) == 6

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ldm.sample_data import COLOURS, POSITIONS, SCORES, SHAPES, caption_for, draw_shape, follows_prompt, random_record, read_shape
+from ldm.data.sample_data import COLOURS, POSITIONS, SCORES, SHAPES, caption_for, draw_shape, follows_prompt, random_record, read_shape
 
 
 def drawn(shape, position, size=32, colour="red", background="blue", radius=0.25, dx=0.0):
@@ -61,7 +61,7 @@ def test_the_largest_object_counts_and_a_fringe_does_not_stretch_it():
 
 
 def test_sample_grid_counts_every_score(stock_pipeline_dir, tmp_path):
-    from ldm.sampling import sample_grid
+    from ldm.evaluation.sampling import sample_grid
 
     prompts = [caption_for("circle", "red", "blue", "on the left"), "not a caption of the sample data"]
     path, matches, total = sample_grid(str(stock_pipeline_dir), prompts, 2, str(tmp_path / "grid.png"), steps=2)

@@ -93,7 +93,7 @@ def test_ema_follows_the_reference_warm_up():
     the point (n = 35 for 0.8) where the configured decay takes over from the warm-up."""
     from ppdiffusers.models.ema import LitEma
 
-    from ldm.ema import COUNTER_KEY, EMA
+    from ldm.training.ema import COUNTER_KEY, EMA
 
     paddle.seed(0)
     layer = paddle.nn.Linear(4, 3)
@@ -128,7 +128,7 @@ def test_ema_follows_the_reference_warm_up():
 def test_ema_of_16_bit_weights_stays_float32():
     """Under O2 the trained weights are bf16; the EMA keeps float32 (a 0.9999 decay's update is
     below bf16's resolution) and showing it in the model leaves both copies as they were."""
-    from ldm.ema import EMA
+    from ldm.training.ema import EMA
 
     layer = paddle.nn.Linear(4, 3)
     layer.weight.set_value(paddle.full_like(layer.weight, 1.0))
@@ -149,7 +149,7 @@ def test_autoencoder_init_matches_torch_defaults():
     import math
 
     from conftest import ROOT
-    from ldm.autoencoder import build_autoencoder
+    from ldm.models.autoencoder import build_autoencoder
 
     paddle.seed(0)
     vae = build_autoencoder(os.path.join(ROOT, "config/tiny/vae.json"))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import evaluate, inception
+from ldm.evaluation import evaluate
+from ldm.evaluation import inception
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from conftest import ldm_args, run_script
-from ldm.export import DIFFUSERS_SUBDIR
+from ldm.evaluation.export import DIFFUSERS_SUBDIR
 
 STEPS = 2
 # The Trainer script's checkpoint-N keeps its weights in the Trainer's model_state.pdparams (a
@@ -86,7 +86,7 @@ def test_diffusers_check_refuses_pickles_and_paddle_names(run, tmp_path):
     would otherwise reach PyTorch users silently); a run's checkpoint-N/ beside it is not its business."""
     import shutil
 
-    from ldm.export import check_diffusers_dir
+    from ldm.evaluation.export import check_diffusers_dir
 
     check_diffusers_dir(str(run / "diffusers"))
     copy = tmp_path / "d"
@@ -109,7 +109,7 @@ def test_card_counts_skips_and_says_not_measured(run, tmp_path):
 
     ckpt = tmp_path / f"checkpoint-{STEPS}"
     shutil.copytree(run / f"checkpoint-{STEPS}", ckpt)
-    from ldm.data import SKIP_REASONS
+    from ldm.data.records import SKIP_REASONS
 
     position = json.loads((ckpt / "data_position_rank0.json").read_text())
     vector = [0] * len(SKIP_REASONS)
@@ -122,7 +122,7 @@ def test_card_counts_skips_and_says_not_measured(run, tmp_path):
     # as happened in one make test. So the cut is moved from the middle until this reader fails on it.)
     from visualdl import LogReader
 
-    from ldm.model_card import validation_scalars
+    from ldm.evaluation.model_card import validation_scalars
 
     record = next(p for p in sorted((run / "runs").rglob("vdlrecords*")) if p.is_file() and p.stat().st_size > 100)
     (tmp_path / "runs").mkdir()
@@ -153,7 +153,7 @@ def test_card_counts_skips_and_says_not_measured(run, tmp_path):
 
 
 def sample(model_dir, use_ema=True):
-    from ldm.loading import generate, load_pipeline, to_uint8_array, trained_size
+    from ldm.evaluation.loading import generate, load_pipeline, to_uint8_array, trained_size
 
     pipe, _ = load_pipeline(str(model_dir), use_ema=use_ema, trust_pickle=True)
     size = trained_size(pipe)
@@ -335,7 +335,7 @@ def fid_weights(tmp_path_factory):
     """A random-weight Inception in pytorch-fid's file format (test_evaluate's writer)."""
     import paddle
 
-    from ldm import inception
+    from ldm.evaluation import inception
     from test_evaluate import torch_names, write_pytorch_fid_file
 
     paddle.seed(7)
@@ -363,7 +363,8 @@ def fid_line(res):
 
 
 def test_fid_between_folders(fid_weights, tmp_path):
-    from ldm import evaluate, inception
+    from ldm.evaluation import evaluate
+    from ldm.evaluation import inception
 
     a = image_folder(tmp_path / "a", 1, 4, sizes=((32, 32), (40, 24)))
     b = image_folder(tmp_path / "b", 2, 3)
@@ -397,7 +398,7 @@ def test_fid_folders_bad_input(fid_weights, tmp_path):
 def test_no_trainer_script_exports_diffusers_layout(shapes, vae_dir, tmp_path):
     """The explicit loop's final save with --export_format diffusers: the top-level directory is
     the PyTorch layout with its card, and this project's loaders still read it."""
-    from ldm.loading import load_pipeline
+    from ldm.evaluation.loading import load_pipeline
 
     out = tmp_path / "run"
     res = run_script(["train_txt2img_laion400m_no_trainer.py", "--output_dir", str(out), "--train_batch_size", "4",

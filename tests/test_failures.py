@@ -7,8 +7,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import ldm_args, run_script
-from ldm import checkpoint
-from ldm.data import StreamProgress
+from ldm.training import checkpoint, data_position
+from ldm.data.progress import StreamProgress
 
 
 def test_nonfinite_losses_skip_steps_then_stop_with_a_message(shapes, vae_dir, tmp_path):
@@ -63,6 +63,6 @@ def test_which_data_position_a_resume_uses(tmp_path):
     position = StreamProgress(1, 1).state_dict()
     (ckpt / "data_position_rank0.json").write_text(json.dumps(position))
     (ckpt / "args.json").write_text(json.dumps({"resolution": 32}))
-    assert checkpoint.data_position_to_resume(str(ckpt), 0, 32, False) == position
-    assert checkpoint.data_position_to_resume(str(ckpt), 0, 32, True) is None  # --ignore_data_skip
-    assert checkpoint.data_position_to_resume(str(ckpt), 0, 64, False) is None  # a new resolution stage
+    assert data_position.data_position_to_resume(str(ckpt), 0, 32, False) == position
+    assert data_position.data_position_to_resume(str(ckpt), 0, 32, True) is None  # --ignore_data_skip
+    assert data_position.data_position_to_resume(str(ckpt), 0, 64, False) is None  # a new resolution stage

@@ -7,7 +7,7 @@ import paddle.nn as nn
 from paddle.hapi.dynamic_flops import count_linear
 
 from conftest import run_script
-from ldm.flops import Counter, count_forward
+from ldm.models.flops import Counter, count_forward
 
 
 def test_counter_counts_a_convolution_as_by_hand_and_as_paddle_flops():

@@ -75,7 +75,7 @@ def test_checkpoint_uses_ema_weights_unless_told(request, tmp_path, script):
     import paddle
     from safetensors.numpy import load_file
 
-    from ldm.loading import load_pipeline
+    from ldm.evaluation.loading import load_pipeline
     from ppdiffusers import LDMTextToImagePipeline
 
     run_dir = request.getfixturevalue("run_dir" if script == "no_trainer" else "trainer_run_dir")
@@ -108,7 +108,7 @@ def test_other_samplers(run_dir, tmp_path, scheduler):
 
 
 def test_zero_terminal_snr_models_only_sample_with_ddim(stock_pipeline_dir):
-    from ldm.loading import load_pipeline, set_scheduler
+    from ldm.evaluation.loading import load_pipeline, set_scheduler
     from ppdiffusers import DDIMScheduler
 
     pipe, _ = load_pipeline(str(stock_pipeline_dir))
@@ -180,9 +180,9 @@ def test_cli_runs_as_a_script(stock_pipeline_dir, tmp_path):
 def test_validation_loss_of_written_models(request, shapes, source):
     """The fixed validation loss (ldm.validation) runs on any written model, and for our run the
     exported pipeline and the checkpoint it came from (its EMA weights) measure the same loss."""
-    from ldm.loading import model_from_checkpoint
-    from ldm.model import LatentDiffusionModel
-    from ldm.validation import Validator
+    from ldm.evaluation.loading import model_from_checkpoint
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.training.validation import Validator
 
     model_dir = request.getfixturevalue("stock_pipeline_dir" if source == "stock" else "run_dir")
     resolution = 16 if source == "stock" else 32

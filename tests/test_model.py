@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from conftest import ROOT, run_script
-from ldm.model import build_text_encoder, build_unet, init_like_reference, require_local
+from ldm.models.ldm import build_text_encoder, build_unet, init_like_reference, require_local
 
 
 def tiny_models():
@@ -78,8 +78,8 @@ def test_text_encoder_embedding_std_keeps_each_word_its_own(shapes, vae_dir):
     """At the reference's 0.02 a fresh LDMBert's output at a word's position barely depends on
     that word (attention's shared mixture is ~15x the embedding), so the UNet cannot tell where
     "left" and "right" differ; at 1.0 (--text_encoder_embedding_std, the demo's) it does."""
-    from ldm.model import LatentDiffusionModel
-    from ldm.sample_data import caption_for
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.data.sample_data import caption_for
 
     own_vs_rest = {}
     for std in (0.02, 1.0):

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from conftest import dp_loop_args, dp_trainer_args, launch
-from ldm import data
+from ldm.data.shards import ShardStream
+from ldm.data.filelists import read_file_list
 
 
 def checksums(logs):
@@ -57,11 +58,11 @@ def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, same_records, t
     ckpt = out / "checkpoint-4"
     pos = [json.load(open(ckpt / f"data_position_rank{r}.json")) for r in (0, 1)]
     assert all(p["world_size"] == 2 and p["batches"] > 0 for p in pos)
-    entries = data.read_file_list(same_records)
+    entries = read_file_list(same_records)
     seen = []
     for rank, p in enumerate(pos):
         draws = p["workers"]["0"]["position"][0]
-        stream = data.ShardStream(entries, rank, 2, seed=23, window=1000)
+        stream = ShardStream(entries, rank, 2, seed=23, window=1000)
         seen.append({(rec.part, rec.line) for _, rec in zip(range(draws), stream)})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     # Only rank 0 wrote the final model and the VisualDL logs.

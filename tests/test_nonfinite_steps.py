@@ -19,7 +19,7 @@ AGREEMENT = textwrap.dedent("""
     import json, os, sys
     import paddle
     import paddle.distributed as dist
-    from ldm.runtime import StepAgreement
+    from ldm.training.runtime import StepAgreement
 
     world = dist.get_world_size()
     if world > 1:

@@ -31,7 +31,7 @@ def s3(shapes):
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
                       AWS_DEFAULT_REGION="us-east-1")
-    from ldm import storage
+    from ldm.data import storage
 
     storage._filesystems.clear()
     fs, _ = storage.filesystem("s3://x")
@@ -58,7 +58,7 @@ def s3(shapes):
 @pytest.fixture
 def proxy(s3, monkeypatch):
     """A cutting proxy to the S3 server, as this process's and its subprocesses' endpoint."""
-    from ldm import storage
+    from ldm.data import storage
 
     cutter = CuttingProxy(s3["port"], cut_after=6000)
     monkeypatch.setenv("AWS_ENDPOINT_URL", cutter.url)
@@ -97,8 +97,9 @@ def test_remote_listing_equals_local_despite_cuts(s3, proxy):
 def test_shard_stream_resumes_exactly_over_cut_remote_parts(s3, proxy, monkeypatch, capfd):
     """A ShardStream over remote parts, read in blocks smaller than a part and cut mid-part, stopped
     after 50 records and resumed from its state, yields the uninterrupted local order exactly."""
-    from ldm import storage
-    from ldm.data import ShardStream, read_file_list
+    from ldm.data import storage
+    from ldm.data.filelists import read_file_list
+    from ldm.data.shards import ShardStream
 
     monkeypatch.setattr(storage, "READ_BLOCK", 16 << 10)  # several blocks per part: a cut lands mid-part
     monkeypatch.setattr(storage, "FIRST_BLOCK", 16 << 10)
@@ -120,8 +121,9 @@ def test_shard_stream_resumes_exactly_over_cut_remote_parts(s3, proxy, monkeypat
 def test_part_failing_every_retry_is_skipped_and_counted(s3, proxy, monkeypatch, capfd):
     """A part whose downloads fail past its first block, every retry, is skipped as unreadable_part
     (its key in the log line): the records before stand, nothing raises, the next part reads whole."""
-    from ldm import storage
-    from ldm.data import SkipCounter, Unit, iter_unit_lines
+    from ldm.data import storage
+    from ldm.data.filelists import Unit, iter_unit_lines
+    from ldm.data.records import SkipCounter
 
     monkeypatch.setattr(storage, "RETRIES", 2)
     monkeypatch.setattr(storage, "BACKOFF_FIRST_S", 0.01)
@@ -141,7 +143,7 @@ def test_part_failing_every_retry_is_skipped_and_counted(s3, proxy, monkeypatch,
 
 def run_data(file_list, capfd):
     """python -m ldm.data in this process: (exit code, stdout, stderr)."""
-    from ldm import data
+    from ldm.data import __main__ as data
 
     capfd.readouterr()
     code = data.main(["--file_list", file_list, "--resolution", "32"])
@@ -152,7 +154,7 @@ def run_data(file_list, capfd):
 def test_startup_errors_are_one_line(s3, tmp_path, capfd, monkeypatch):
     """A missing bucket, a missing filelist and bad credentials stop python -m ldm.data at start-up
     with exit 2 and one line; a missing part is counted (missing_part), not fatal."""
-    from ldm import storage
+    from ldm.data import storage
 
     code, _, err = run_data("s3://no-such-bucket/train.filelist.list", capfd)
     assert code == 2
@@ -201,8 +203,9 @@ def test_startup_errors_are_one_line(s3, tmp_path, capfd, monkeypatch):
 def test_part_cache_is_bounded_lru(s3, tmp_path, monkeypatch):
     """--cache_dir keeps whole parts, least recently used out once over the bound; a hit is read
     from disk (the server is not asked again)."""
-    from ldm import storage
-    from ldm.data import SkipCounter, Unit, iter_unit_lines
+    from ldm.data import storage
+    from ldm.data.filelists import Unit, iter_unit_lines
+    from ldm.data.records import SkipCounter
 
     parts = list(s3["parts"])
     size = os.path.getsize(s3["parts"][parts[0]])
@@ -239,7 +242,7 @@ def test_prepare_writes_complete_parts_to_s3_and_resumes(s3, tmp_path, capsys):
     half-written; a re-run after losing a part rewrites that one alone; the result reads back."""
     from test_prepare import make_folder
 
-    from ldm import prepare, storage
+    from ldm.data import prepare, storage
 
     folder, expect = make_folder(tmp_path / "folder")
     out = f"s3://{BUCKET}/prepared"
@@ -260,7 +263,7 @@ def test_prepare_writes_complete_parts_to_s3_and_resumes(s3, tmp_path, capsys):
 
 def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
     """ldm.split, ldm.report and ldm.cache_latents take an s3:// --file_list."""
-    from ldm import report, split
+    from ldm.data import report, split
 
     paths, counts = split.split_file_list(s3["file_list"], str(tmp_path / "split"))
     assert counts == {"train": 1, "eval": 1}
@@ -280,7 +283,8 @@ def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
 
 
 def _count_lines(part, out):
-    from ldm.data import SkipCounter, Unit, iter_unit_lines
+    from ldm.data.filelists import Unit, iter_unit_lines
+    from ldm.data.records import SkipCounter
 
     out.put(len(list(iter_unit_lines(Unit(part, 0, 1), SkipCounter()))))
 
@@ -290,7 +294,7 @@ def test_forked_data_worker_reads_remote_parts(s3):
     (it inherits the loop without its thread: without a reset it would wait forever)."""
     import multiprocessing as mp
 
-    from ldm.data import read_file_list
+    from ldm.data.filelists import read_file_list
 
     read_file_list(s3["file_list"])  # the parent's loop is in use, as in a training script
     ctx = mp.get_context("fork")
@@ -309,8 +313,8 @@ def test_part_left_midway_stops_its_reader(s3, monkeypatch):
     abandoned part piling up over a weeks-long run)."""
     import threading
 
-    from ldm import storage
-    from ldm.data import open_part
+    from ldm.data import storage
+    from ldm.data.filelists import open_part
 
     monkeypatch.setattr(storage, "READ_BLOCK", 4 << 10)
     monkeypatch.setattr(storage, "FIRST_BLOCK", 4 << 10)
@@ -332,8 +336,9 @@ def test_http_lists_and_parts(shapes, tmp_path, monkeypatch):
     import shutil
     import threading
 
-    from ldm import storage
-    from ldm.data import SkipCounter, Unit, iter_unit_lines, read_file_list
+    from ldm.data import storage
+    from ldm.data.filelists import Unit, iter_unit_lines, read_file_list
+    from ldm.data.records import SkipCounter
 
     monkeypatch.setattr(storage, "READ_BLOCK", 4 << 10)  # parts of several blocks: a ranged read is tried first
     monkeypatch.setattr(storage, "FIRST_BLOCK", 4 << 10)

@@ -51,8 +51,9 @@ def test_recompute_runs_each_block_forward_again_in_backward(shapes, vae_dir):
     checkpointed block and runs its forward again during backward: a forward pre-hook counts 2 calls
     per step of a UNet ResNet block and of an LDMBert layer where a plain step makes 1. Loss and
     gradients are those of the plain step (test_distributed_correctness checks whole runs)."""
-    from ldm.args import ModelArguments
-    from ldm.model import Recipe, create_model
+    from ldm.training.args import ModelArguments
+    from ldm.models.recipe import Recipe
+    from ldm.training.build import create_model
 
     from conftest import ROOT
 

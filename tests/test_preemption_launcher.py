@@ -174,7 +174,7 @@ def test_sigterm_under_the_launcher_saves_every_rank_and_resumes_exactly(shapes,
 
 WORKER_THAT_MISSES_SIGINT = '''
 import multiprocessing, signal, sys, time
-from ldm.data import end_workers_at_exit
+from ldm.data.progress import end_workers_at_exit
 
 def worker(conn):
     # As a data worker: SIGTERM ignored; SIGINT as good as lost (the kernel may hand it to a thread

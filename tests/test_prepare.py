@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_script
-from ldm import prepare
+from ldm.data import prepare
 
 
 def image_bytes(i, size=(40, 32), fmt="JPEG", exif_orientation=None):

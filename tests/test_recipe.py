@@ -8,7 +8,7 @@ import pytest
 from ppdiffusers import DDPMScheduler
 
 from conftest import ldm_args, run_script
-from ldm.model import Recipe, min_snr_weights, sample_noise, snr, training_target
+from ldm.models.recipe import Recipe, min_snr_weights, sample_noise, snr, training_target
 
 
 def alphas_cumprod(recipe=None):
@@ -64,7 +64,7 @@ def test_offset_noise_adds_one_constant_per_image_and_channel():
 
 
 def test_timestep_bias_draws_the_biased_end_more_often():
-    from ldm.model import sample_timesteps
+    from ldm.models.recipe import sample_timesteps
 
     paddle.seed(0)
     later = Recipe("v_prediction", timestep_bias_strategy="later", timestep_bias_multiplier=4, timestep_bias_portion=0.3)
@@ -120,8 +120,8 @@ def adam_names(shapes, vae_dir):
     """{structured weight name: paddle parameter name} of the trained weights, as the training
     script's process names them (the optimizer state is keyed by the latter): the same build in a
     fresh name scope."""
-    from ldm.args import ModelArguments
-    from ldm.model import create_model
+    from ldm.training.args import ModelArguments
+    from ldm.training.build import create_model
 
     model_args = ModelArguments(vae_name_or_path=str(vae_dir), tokenizer_name=shapes["tokenizer"], model_max_length=16,
                                 text_encoder_config_file="config/tiny/ldmbert.json", unet_config_file="config/tiny/unet.json")
@@ -139,7 +139,7 @@ def test_resolution_stages_continue_the_run_at_the_new_size(vae_dir, tmp_path, s
     EMA and step continue, the data starts a new pass, the exported UNet samples at the new size."""
     from safetensors.numpy import load_file
 
-    from ldm.sample_data import write_sample_dataset
+    from ldm.data.sample_data import write_sample_dataset
 
     file_list = write_sample_dataset(str(tmp_path / "data64"), num_parts=1, records_per_part=24, size=64, seed=2)
     out = tmp_path / "stages"
@@ -195,7 +195,7 @@ def test_resolution_stages_continue_the_run_at_the_new_size(vae_dir, tmp_path, s
 def recipe_from_flags(*flags):
     from paddlenlp.trainer import PdArgumentParser
 
-    from ldm.args import RecipeArguments
+    from ldm.training.args import RecipeArguments
 
     (args,) = PdArgumentParser([RecipeArguments]).parse_args_into_dataclasses(args=list(flags))
     return args.recipe()
@@ -232,7 +232,7 @@ def recipe_bench(shapes, vae_dir):
 def first_step(bench, *flags, seed=11):
     """The loss of one seeded step under the recipe of `flags`, with what the UNet saw and said,
     and the clean latents x0 of that step (the posterior sample is the step's first draw)."""
-    from ldm.model import LatentDiffusionModel
+    from ldm.models.ldm import LatentDiffusionModel
 
     base, batch = bench
     model = LatentDiffusionModel(base.vae, base.text_encoder, base.unet, base.tokenizer, recipe_from_flags(*flags))

@@ -4,7 +4,7 @@ import json
 from PIL import Image
 
 from conftest import jpeg_b64, run_script, write_lists, write_part
-from ldm import report
+from ldm.data import report
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "on", "mat"]
 

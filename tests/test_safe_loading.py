@@ -95,11 +95,11 @@ def test_generate_refuses_an_old_trainer_checkpoint(stock_pipeline_dir, tmp_path
 def test_trust_pickle_loads_an_honest_old_trainer_checkpoint(stock_pipeline_dir, tmp_path):
     import paddle
 
-    from ldm.args import ModelArguments
-    from ldm.checkpoint import trainable_state
-    from ldm.loading import model_from_checkpoint
-    from ldm.model import create_model
-    from ldm.safeload import PickleRefused
+    from ldm.training.args import ModelArguments
+    from ldm.training.checkpoint import trainable_state
+    from ldm.evaluation.loading import model_from_checkpoint
+    from ldm.training.build import create_model
+    from ldm.core.safeload import PickleRefused
 
     ckpt = checkpoint_dir(tmp_path / "run", stock_pipeline_dir)
     model = create_model(ModelArguments(model_name_or_path=str(stock_pipeline_dir), model_max_length=16), 16, 0)
@@ -127,7 +127,7 @@ def test_training_refuses_a_pickled_diffusers_autoencoder(shapes, tmp_path):
 
 
 def test_cache_latents_refuses_a_pickled_autoencoder(shapes, tmp_path, capsys):
-    from ldm import cache_latents
+    from ldm.training import cache_latents
 
     marker = tmp_path / "ran"
     vae = evil_vae_dir(tmp_path, marker)
@@ -161,10 +161,10 @@ def test_pipeline_directory_with_pickled_components_is_refused(stock_pipeline_di
     """A Paddle-format pipeline directory whose unet/ holds model_state.pdparams instead of
     safetensors, and a diffusers one whose bert/ holds pytorch_model.bin: refused by generate's
     loader, by --model_name_or_path and by the demo's sampler, whichever component it is."""
-    from ldm.loading import load_pipeline
-    from ldm.model import LatentDiffusionModel
-    from ldm.safeload import PickleRefused
-    from ldm.sampling import sample_grid
+    from ldm.evaluation.loading import load_pipeline
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.core.safeload import PickleRefused
+    from ldm.evaluation.sampling import sample_grid
 
     marker = tmp_path / "ran"
     for part, weights in (("unet", "model_state.pdparams"), ("bert", "pytorch_model.bin")):
@@ -189,7 +189,7 @@ def test_pipeline_directory_with_pickled_components_is_refused(stock_pipeline_di
 
 def test_pickled_shard_named_by_an_index_is_refused(tmp_path):
     """A safetensors index whose weight_map names a file the loaders would read with pickle."""
-    from ldm.safeload import PickleRefused, check_weights_dir
+    from ldm.core.safeload import PickleRefused, check_weights_dir
 
     (tmp_path / "diffusion_paddle_model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.dat"}}))
     with pytest.raises(PickleRefused, match="shard.dat"):
@@ -256,7 +256,7 @@ class Global:
 def test_legacy_inception_file_cannot_run_code(tmp_path, capsys):
     """The legacy format's header pickles go through the restricted unpickler too: a crafted
     header is a one-line error from python -m ldm.evaluate, before anything else loads."""
-    from ldm import evaluate
+    from ldm.evaluation import evaluate
 
     marker = tmp_path / "ran"
     path = write_legacy_torch_file(str(tmp_path / "pt_inception.pth"), {"w": np.ones(3)}, header=evil_pickle(marker))
@@ -270,7 +270,7 @@ def test_legacy_inception_file_cannot_run_code(tmp_path, capsys):
 
 
 def test_honest_legacy_file_reads_and_bad_strides_are_refused(tmp_path):
-    from ldm.inception import read_torch_file
+    from ldm.evaluation.inception import read_torch_file
 
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     path = write_legacy_torch_file(str(tmp_path / "ok.pth"), {"a": a, "b": np.float32([7, 8])})
@@ -313,9 +313,9 @@ def test_model_index_and_code_in_the_directory_are_refused_everywhere(stock_pipe
     """["os", "system"], a pipeline _class_name naming a .py in the directory, a component's
     own .py (ppdiffusers' custom components) and ppdiffusers' `None.py` custom-pipeline default:
     each refused by generate's loader, --model_name_or_path and the demo's sampler."""
-    from ldm.loading import load_pipeline
-    from ldm.model import LatentDiffusionModel
-    from ldm.sampling import sample_grid
+    from ldm.evaluation.loading import load_pipeline
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.evaluation.sampling import sample_grid
 
     marker = tmp_path / "ran"
     plant = f"open({str(marker)!r}, 'w').close()\nclass Thing:\n    pass\n"
@@ -345,7 +345,7 @@ def test_model_index_and_code_in_the_directory_are_refused_everywhere(stock_pipe
 def test_written_pipelines_still_load(stock_pipeline_dir):
     """The guard lets through what ppdiffusers itself writes (model_index.json naming
     ppdiffusers, its latent_diffusion module and its transformers; safetensors weights)."""
-    from ldm.safeload import check_pipeline_dir
+    from ldm.core.safeload import check_pipeline_dir
 
     check_pipeline_dir(str(stock_pipeline_dir), False, "--model_dir")
     index = json.loads((stock_pipeline_dir / "model_index.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import ROOT, run_script
-from ldm.checkpoint_io import read_state
+from ldm.training.checkpoint_io import read_state
 
 
 def vae_args(file_list, out, max_steps, extra=()):
@@ -20,8 +20,9 @@ def vae_args(file_list, out, max_steps, extra=()):
 
 
 def tiny_model(disc_start):
-    from ldm.autoencoder import AutoencoderTrainingModel, build_autoencoder
-    from ldm.discriminator import NLayerDiscriminator
+    from ldm.training.stage1 import AutoencoderTrainingModel
+    from ldm.models.autoencoder import build_autoencoder
+    from ldm.models.discriminator import NLayerDiscriminator
 
     paddle.seed(0)
     return AutoencoderTrainingModel(build_autoencoder(os.path.join(ROOT, "config/tiny/vae.json")), 1e-6,
@@ -58,8 +59,8 @@ def test_the_discriminator_is_zero_weighted_before_disc_start_and_trains_after()
     assert terms["d_weight"] > 0 and terms["disc_loss"] > 0
     assert any(g.any() for g in after.values())
     assert any(not np.allclose(vae_before[n], vae_after[n]) for n in vae_before)
-    from ldm.discriminator import hinge_d_loss
-    from ldm.model import to_model_range
+    from ldm.models.discriminator import hinge_d_loss
+    from ldm.models.ldm import to_model_range
 
     model.clear_gradients()
     paddle.seed(1)
@@ -73,7 +74,7 @@ def test_the_discriminator_is_zero_weighted_before_disc_start_and_trains_after()
 
 
 def test_psnr_in_db():
-    from ldm.autoencoder import psnr
+    from ldm.training.stage1 import psnr
 
     a = np.zeros((2, 4, 4, 3), dtype="uint8")
     b = a.copy()
@@ -99,7 +100,7 @@ def test_gan_training_resumes_the_discriminator_and_its_optimizer_and_prints_the
     # exported autoencoder (the EMA), as computed here from its reconstructions of those images.
     printed = re.search(r"reconstruction PSNR on 6 held-out images: (\d+\.\d\d) dB", res.stdout.strip().splitlines()[-1])
     assert printed, res.stdout[-500:]
-    from ldm.validation import fixed_log_batch
+    from ldm.training.validation import fixed_log_batch
     from ppdiffusers import AutoencoderKL
 
     images = fixed_log_batch(evaluation, 32, 6, seed=23)["pixel_values"]  # the run's first 6 held-out records (--seed 23)
@@ -135,8 +136,8 @@ def test_gan_training_resumes_the_discriminator_and_its_optimizer_and_prints_the
 
 
 def test_diffusers_format_autoencoder_loads_and_reconstructs_like_the_original(tmp_path):
-    from ldm.autoencoder import build_autoencoder
-    from ldm.model import load_autoencoder
+    from ldm.models.autoencoder import build_autoencoder
+    from ldm.models.ldm import load_autoencoder
 
     paddle.seed(3)
     vae = build_autoencoder(os.path.join(ROOT, "config/tiny/vae.json"))
@@ -158,7 +159,7 @@ def test_diffusers_format_autoencoder_loads_and_reconstructs_like_the_original(t
 
 
 def test_diffusers_format_pipeline_loads_as_the_original(shapes, vae_dir, tmp_path):
-    from ldm.model import LatentDiffusionModel
+    from ldm.models.ldm import LatentDiffusionModel
 
     model = LatentDiffusionModel.from_scratch(str(vae_dir), os.path.join(ROOT, "config/tiny/ldmbert.json"),
                                               os.path.join(ROOT, "config/tiny/unet.json"), shapes["tokenizer"], 16, seed=5)
@@ -188,8 +189,8 @@ def reconstruction_psnr(vae, images):
 @pytest.fixture(scope="module")
 def unseen_images(tmp_path_factory):
     """32 images from the session data's generator with another seed: never trained on."""
-    from ldm.sample_data import write_sample_dataset
-    from ldm.validation import fixed_log_batch
+    from ldm.data.sample_data import write_sample_dataset
+    from ldm.training.validation import fixed_log_batch
 
     file_list = write_sample_dataset(str(tmp_path_factory.mktemp("unseen")), num_parts=1, records_per_part=32, size=40, seed=7)
     return fixed_log_batch(file_list, 32, 32)["pixel_values"]
@@ -215,7 +216,7 @@ def test_trained_autoencoder_reconstructs_unseen_images_better_than_untrained_on
     0.15 dB above the best untrained one: what 6 real steps clear and the initial weights do not."""
     from ppdiffusers import AutoencoderKL
 
-    from ldm.autoencoder import build_autoencoder
+    from ldm.models.autoencoder import build_autoencoder
 
     untrained = []
     for seed in (0, 1, 2):

@@ -126,8 +126,8 @@ def test_resumed_run_reads_exactly_the_records_of_an_uninterrupted_one(shapes, v
 def test_validation_loss_is_fixed_and_leaves_the_rng_alone(shapes, vae_dir):
     import paddle
 
-    from ldm.model import LatentDiffusionModel
-    from ldm.validation import Validator
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.training.validation import Validator
 
     model = LatentDiffusionModel.from_scratch(str(vae_dir), "config/tiny/ldmbert.json", "config/tiny/unet.json", shapes["tokenizer"], 16, seed=0)
     validator = Validator(model, shapes["file_list"], 8, 32, 3)

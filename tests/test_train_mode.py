@@ -79,8 +79,8 @@ def test_continued_model_trains_in_train_mode(stock_pipeline_dir, shapes, tmp_pa
 
 
 def test_sampling_runs_in_eval_mode_and_leaves_train_mode(stock_pipeline_dir, shapes):
-    from ldm.model import LatentDiffusionModel
-    from ldm.validation import fixed_log_batch
+    from ldm.models.ldm import LatentDiffusionModel
+    from ldm.training.validation import fixed_log_batch
 
     model = LatentDiffusionModel.from_pipeline_dir(str(stock_pipeline_dir), 16)
     batch = fixed_log_batch(shapes["file_list"], 16, 2, model.tokenizer, 16)

@@ -1,0 +1,1 @@
+"""Data: the seed's records, file lists and parts, the stream and its positions, buckets, the cached-latent record format, the tokenizer, and the data tools (prepare, report, split, sample_data). Imports only ldm.core; never ldm.models."""

@@ -1,0 +1,1 @@
+"""Training: arguments, build (the one place data and models meet), the Trainer subclass, the loop's pieces, checkpoints, EMA, runtime, validation, logging, stage 1, the latent-cache tool, the launcher."""
