@@ -25,6 +25,12 @@ stores records as lines of gzipped parts, so any reader of it must read and gunz
 it takes records from (~10% of the limit's time a record) before it can decode a single image.
 It does nothing else: no tokenization, batching, shuffling, skip checks or hand-over.
 The last lines read `data_throughput: ours N rec/s, limit M rec/s, ratio R`, one per K.
+
+With --source s3 the same parts are also uploaded to a local S3-compatible server (moto, on
+127.0.0.1, in its own process) and ours is measured reading them from there and from disk, taking
+turns: the last lines read `data_throughput: remote N rec/s, local M rec/s, ratio R` (remote /
+local), one per K. It then reads every part once more through a proxy that cuts connections
+mid-transfer and prints what a cut costs (bytes fetched again, seconds).
 """
 import argparse
 import base64
@@ -147,6 +153,85 @@ def ours_rate(file_list, tokenizer, resolution, workers, n):
     return (seen - steady_seen) / (time.perf_counter() - steady_start), steady_start - start
 
 
+def serve_s3(part_paths):
+    """A moto S3 server in its own process holding the parts; the AWS environment (dummy keys,
+    AWS_ENDPOINT_URL) of this process and the data workers it forks points at it. Returns
+    (server process, its port, the remote file list)."""
+    import subprocess
+    import socket
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from cutting_proxy import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    from ldm.data import storage
+
+    storage._filesystems.clear()
+    fs, _ = storage.filesystem("s3://bench")
+    fs.mkdir("bench")
+    remote = [f"s3://bench/{os.path.basename(p)}" for p in part_paths]
+    for local, r in zip(part_paths, remote):
+        fs.put_file(local, r[5:])
+    fs.pipe_file("bench/a.filelist", "".join(r + "\n" for r in remote).encode())
+    fs.pipe_file("bench/train.filelist.list", b"s3://bench/a.filelist\n")
+    return server, port, "s3://bench/train.filelist.list"
+
+
+def cut_cost(remote_list, port, cuts=3):
+    """Read every part once through a proxy, without and with up to `cuts` connections cut
+    mid-transfer, each cut's retry left alone: (cuts made, bytes fetched again per cut, seconds
+    lost per cut, records read each time)."""
+    from cutting_proxy import CuttingProxy
+
+    from ldm.data import storage
+    from ldm.data.filelists import Unit, iter_unit_lines, read_file_list
+    from ldm.data.records import SkipCounter
+
+    parts = [p for e in read_file_list(remote_list) for p in e.parts]
+    proxy = CuttingProxy(port, cut_after=storage.READ_BLOCK // 2)
+    proxy.cut_at_match = b"content-range: bytes"  # half a steady-state block into a GET's response
+    proxy.quiet_s = 3 * storage.BACKOFF_FIRST_S
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    runs = []
+    for k in (0, cuts):
+        storage._filesystems.clear()
+        proxy.cuts, proxy.cut_done, proxy.forwarded = k, 0, 0
+        skips, records, start = SkipCounter(), 0, time.perf_counter()
+        for part in parts:
+            records += sum(1 for _ in iter_unit_lines(Unit(part, 0, 1), skips))
+        runs.append((proxy.forwarded, time.perf_counter() - start, records, proxy.cut_done, dict(skips)))
+    proxy.server.close()
+    (b0, t0, r0, _, _), (b1, t1, r1, done, skipped) = runs
+    assert r0 == r1 and not skipped, (runs, "a cut lost or repeated records")
+    return done, (b1 - b0) / max(done, 1), (t1 - t0) / max(done, 1), r1
+
+
+def compare_remote(file_list, remote_list, tokenizer, args):
+    """Ours over the remote copy and over the local parts, taking turns: rows of (K, remote, local)."""
+    rows = []
+    for k in args.workers:
+        n = args.records - args.records % (8 * k)
+        remote, local = [], []
+        for r in range(args.repeats):
+            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                if which == 0:
+                    remote.append(ours_rate(remote_list, tokenizer, args.resolution, k, n)[0])
+                else:
+                    local.append(ours_rate(file_list, tokenizer, args.resolution, k, n)[0])
+        rows.append((k, statistics.median(remote), statistics.median(local)))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=400, help="Records in the generated parts.")
@@ -155,6 +240,8 @@ def main():
     parser.add_argument("--resolution", type=int, default=256, help="Training crop side in pixels.")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Worker counts to measure.")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per figure; the median is reported.")
+    parser.add_argument("--source", choices=["local", "s3"], default="local",
+                        help="local: ours against the bare loop on disk; s3: ours reading the parts from a local S3-compatible server against ours reading them from disk.")
     args = parser.parse_args()
     parts = args.parts or 2 * math.lcm(*args.workers)
 
@@ -172,6 +259,27 @@ def main():
 
         tok_dir = write_tokenizer(build_vocab(f"a photo number {i} of a scene with pixels by" for i in range(10)), os.path.join(tmp, "tok"))
         tokenizer = BertTokenizer.from_pretrained(tok_dir)
+
+        if args.source == "s3":
+            server, port, remote_list = serve_s3(part_paths)
+            try:
+                rows = compare_remote(file_list, remote_list, tokenizer, args)
+                cuts, per_cut_bytes, per_cut_s, records = cut_cost(remote_list, port)
+            finally:
+                server.terminate()
+                server.wait()
+            print("\n| workers | remote (rec/s) | local (rec/s) | ratio |")
+            print("|---|---|---|---|")
+            for k, remote, local in rows:
+                print(f"| {k} | {remote:.1f} | {local:.1f} | {remote / local:.2f} |")
+            if cuts:
+                print(f"a cut connection cost {per_cut_bytes / 1e6:.2f} MB fetched again and {per_cut_s:.2f} s "
+                      f"(mean of {cuts} cuts in one pass over {records} records, every record read once)")
+            else:
+                print("no connection was cut: the parts are smaller than the blocks the cut waits for (use more --records)")
+            for k, remote, local in rows:
+                print(f"data_throughput: remote {remote:.1f} rec/s, local {local:.1f} rec/s, ratio {remote / local:.2f}")
+            return
 
         rows = []
         for k in args.workers:

@@ -2,6 +2,7 @@
 units and dealt to shards, and reading a part's lines.
 """
 import hashlib
+import io
 import math
 import os
 import stat
@@ -13,6 +14,7 @@ import numpy as np
 from isal import igzip, isal_zlib
 
 from ldm.data.records import Skip, SkipCounter
+from ldm.data.storage import PartMissing, PartUnreadable, is_remote, open_remote_part, read_text, remote_sizes
 
 
 # ---------------------------------------------------------------------------
@@ -31,9 +33,13 @@ class FileListEntry:
 
 
 def _list_lines(path: str) -> List[str]:
-    """Non-blank, non-comment lines of a list file."""
-    with open(path, "r", encoding="utf-8") as f:
-        return [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+    """Non-blank, non-comment lines of a list file (local, s3:// or http(s)://)."""
+    if is_remote(path):
+        lines = read_text(path).splitlines()
+    else:
+        with open(path, "r", encoding="utf-8") as f:
+            lines = f.readlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
 
 
 def part_size(path: str) -> int:
@@ -46,14 +52,21 @@ def part_size(path: str) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
+def part_sizes(parts: Sequence[str]) -> List[int]:
+    """part_size of each part; remote ones from their store's listing (ldm.data.storage.remote_sizes)."""
+    remote = [p for p in parts if is_remote(p)]
+    known = dict(zip(remote, remote_sizes(remote))) if remote else {}
+    return [known[p] if p in known else part_size(p) for p in parts]
+
+
 def read_file_list(file_list: str, allow_missing_parts: bool = True) -> List[FileListEntry]:
     """Parse a --file_list; raise ValueError with one line that says what to fix. Without
     `allow_missing_parts` (training), a filelist none of whose parts exists is such an error: its
     weight would silently go to the others (a mistyped mount point, a listing of another machine)."""
-    if not os.path.isfile(file_list):
+    if not is_remote(file_list) and not os.path.isfile(file_list):
         raise ValueError(f"--file_list {file_list!r} does not exist; pass a file that lists one filelist path per line")
     entries = []
-    for line in _list_lines(file_list):
+    for line in _list_lines(file_list):  # a remote list that cannot be read: ldm.data.storage.StorageError, a ValueError
         fields = line.split()
         path = fields[0]
         weight = 1.0
@@ -64,11 +77,11 @@ def read_file_list(file_list: str, allow_missing_parts: bool = True) -> List[Fil
                 raise ValueError(f"{file_list}: weight {fields[1]!r} of {path!r} is not a number") from None
             if not weight > 0:
                 raise ValueError(f"{file_list}: weight of {path!r} must be > 0, got {weight}")
-        if not os.path.isfile(path):
+        if not is_remote(path) and not os.path.isfile(path):
             raise ValueError(f"{file_list}: filelist {path!r} does not exist (relative paths resolve against {os.getcwd()})")
         parts = _list_lines(path)
         if parts:
-            entries.append(FileListEntry(path=path, weight=weight, parts=parts, sizes=[part_size(p) for p in parts]))
+            entries.append(FileListEntry(path=path, weight=weight, parts=parts, sizes=part_sizes(parts)))
     if not entries:
         raise ValueError(f"--file_list {file_list!r} lists no filelist with any part")
     if all(size < 0 for e in entries for size in e.sizes):
@@ -184,6 +197,8 @@ def shard_units(units: Sequence[Unit], num_shards: int, shard: int, seed: int, l
 def open_part(path: str):
     """A part opened for reading lines; raise Skip for a part that is missing, not a regular file,
     empty or not gzip."""
+    if is_remote(path):
+        return _open_remote_part(path)
     try:
         # Looked at before it is opened: opening a FIFO blocks until a writer comes (a worker
         # hung for good), and a device or directory is no part either.
@@ -203,6 +218,31 @@ def open_part(path: str):
         # ISA-L's gzip reader (same format, same errors) decompresses ~2x faster than zlib's.
         return igzip.open(path, "rb")
     return open(path, "rb")
+
+
+def _open_remote_part(path: str):
+    """open_part for s3:// and http(s):// parts (streamed by ldm.data.storage: read ahead, resumed after a cut)."""
+    f = None
+    try:
+        f = open_remote_part(path)
+        magic = f.peek(2)[:2]
+    except (PartMissing, PartUnreadable) as e:
+        if f is not None:
+            f.close()
+        raise Skip("missing_part" if isinstance(e, PartMissing) else "unreadable_part", str(e)) from None
+    if not magic:
+        f.close()
+        raise Skip("empty_part", "0 bytes")
+    if path.endswith(".gz"):
+        if magic != b"\x1f\x8b":
+            f.close()
+            raise Skip("not_gzip", f"starts with {magic!r}, not gzip's 1f 8b")
+        g = igzip.open(f, "rb")
+        # GzipFile closes `myfileobj` (a file it opened itself) when closed, never a fileobj it was
+        # given: hand it ours, so a part left mid-way stops its background reader too.
+        g.myfileobj = f
+        return g
+    return f if isinstance(f, io.BufferedReader) else io.BufferedReader(f)
 
 
 def iter_unit_lines(unit: Unit, skips: SkipCounter, catch_up: int = 0) -> Iterator[Tuple[int, bytes]]:
@@ -227,6 +267,11 @@ def iter_unit_lines(unit: Unit, skips: SkipCounter, catch_up: int = 0) -> Iterat
                 if (line_no - 1) % unit.stride == unit.offset:
                     n += 1
                     yield line_no, raw
+        except PartUnreadable as e:
+            # A remote part whose downloads kept failing (ldm.data.storage retried them): as a truncated
+            # part, records already yielded stand and the rest of it is lost, counted once.
+            count("unreadable_part", line_no, f"{e} (after line {line_no})", n)
+            return
         except (EOFError, OSError, zlib.error, isal_zlib.error) as e:
             # Records already yielded stand; the rest of this part is lost and counted once.
             count("truncated_part", line_no, f"{type(e).__name__}: {e} (after line {line_no})", n)
@@ -248,9 +293,12 @@ def read_lines(wanted: Iterable[Tuple[str, int]]) -> Dict[Tuple[str, int], bytes
             continue
         with f:
             last = max(lines)
-            for n, raw in enumerate(f, start=1):
-                if n in lines:
-                    found[(part, n)] = raw
-                if n >= last:
-                    break
+            try:
+                for n, raw in enumerate(f, start=1):
+                    if n in lines:
+                        found[(part, n)] = raw
+                    if n >= last:
+                        break
+            except PartUnreadable:  # the lines not found are skipped and counted by the caller
+                pass
     return found

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from ldm.data.records import Skip, looks_cut, open_image, to_rgb
 from ldm.data.sources import JPEG_QUALITY, PREPARE_SKIPS, Record, Source, read_items, read_parquet, read_tar, resolve_sources
+from ldm.data.storage import is_remote, read_text, remote_sizes, upload, write_text
 
 
 # ---------------------------------------------------------------------------
@@ -166,10 +168,12 @@ def counts_path(part_path: str) -> str:
 
 
 def write_part(task: PartTask) -> dict:
-    """Write one part; return its counts. Complete parts appear only by rename."""
+    """Write one part; return its counts. Complete parts appear only by rename (in object storage:
+    written locally, then uploaded, counts first; an object appears only once its upload is complete)."""
     skips: Counter = Counter()
     written = 0
-    tmp = f"{task.path}.tmp.{os.getpid()}"
+    remote = is_remote(task.path)
+    tmp = os.path.join(tempfile.gettempdir(), f"ldm-prepare-{os.getpid()}-{os.path.basename(task.path)}") if remote else f"{task.path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as raw:
         with igzip.open(raw, "wb") as f:  # ISA-L's gzip: a standard gzip stream, written ~3x faster than zlib's
             for sl in task.slices:
@@ -186,6 +190,11 @@ def write_part(task: PartTask) -> dict:
         os.fsync(raw.fileno())
     counts = {"part": os.path.basename(task.path), "records": task.records, "written": written, "skipped": dict(skips)}
     cpath = counts_path(task.path)
+    if remote:
+        write_text(cpath, json.dumps(counts))
+        upload(tmp, task.path)
+        os.remove(tmp)
+        return counts
     with open(cpath + ".tmp", "w") as f:
         json.dump(counts, f)
     os.replace(cpath + ".tmp", cpath)
@@ -195,6 +204,21 @@ def write_part(task: PartTask) -> dict:
 
 def is_complete(task: PartTask) -> bool:
     return os.path.isfile(task.path) and os.path.isfile(counts_path(task.path))
+
+
+def complete_remote_tasks(tasks: Sequence[PartTask]) -> set:
+    """Indices of the tasks whose part and counts are in object storage: one listing of the output
+    prefix and one of counts/ (not two HEADs per part)."""
+    paths = [p for t in tasks for p in (t.path, counts_path(t.path))]
+    sizes = dict(zip(paths, remote_sizes(paths)))
+    return {t.index for t in tasks if sizes[t.path] >= 0 and sizes[counts_path(t.path)] >= 0}
+
+
+def read_json(path: str):
+    if is_remote(path):
+        return json.loads(read_text(path))
+    with open(path) as f:
+        return json.load(f)
 
 
 # ---------------------------------------------------------------------------
@@ -212,12 +236,11 @@ def manifest(sources: Sequence[Source], args) -> dict:
 def check_manifest(output_dir: str, wanted: dict) -> bool:
     """True if DIR holds an earlier run of the same job; raise if it holds another job's parts."""
     path = os.path.join(output_dir, "prepare.json")
-    if not os.path.isfile(path):
-        if glob.glob(os.path.join(output_dir, "part-*.gz")):
+    if not (remote_sizes([path])[0] >= 0 if is_remote(path) else os.path.isfile(path)):
+        if not is_remote(path) and glob.glob(os.path.join(output_dir, "part-*.gz")):
             raise ValueError(f"{output_dir} already holds part files not written by ldm.prepare; use an empty --output_dir")
         return False
-    with open(path) as f:
-        had = json.load(f)
+    had = read_json(path)
     if had != wanted:
         diff = [k for k in wanted if had.get(k) != wanted[k]]
         raise ValueError(f"{output_dir} holds parts prepared from other sources or options (differs in: {', '.join(diff)}; "
@@ -228,11 +251,9 @@ def check_manifest(output_dir: str, wanted: dict) -> bool:
 def write_lists(output_dir: str, tasks: Sequence[PartTask], counts: Dict[int, dict]) -> str:
     """DIR/parts.filelist (absolute paths of the non-empty parts) and DIR/train.filelist.list."""
     filelist = os.path.join(output_dir, "parts.filelist")
-    with open(filelist, "w") as f:
-        f.writelines(t.path + "\n" for t in tasks if counts[t.index]["written"] > 0)
+    write_text(filelist, "".join(t.path + "\n" for t in tasks if counts[t.index]["written"] > 0))
     file_list = os.path.join(output_dir, "train.filelist.list")
-    with open(file_list, "w") as f:
-        f.write(filelist + "\n")
+    write_text(file_list, filelist + "\n")
     return file_list
 
 
@@ -314,11 +335,12 @@ def prepare(args, workers: Workers) -> int:
     from tqdm import tqdm
 
     t0 = time.time()
-    output_dir = os.path.abspath(args.output_dir)
+    output_dir = args.output_dir.rstrip("/") if is_remote(args.output_dir) else os.path.abspath(args.output_dir)
     # Scan the sources and number their records:
     try:
         sources = resolve_sources(args.sources, args.image_column, args.caption_column, workers)
-        os.makedirs(os.path.join(output_dir, "counts"), exist_ok=True)
+        if not is_remote(output_dir):
+            os.makedirs(os.path.join(output_dir, "counts"), exist_ok=True)
         resumed = check_manifest(output_dir, manifest(sources, args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -329,14 +351,14 @@ def prepare(args, workers: Workers) -> int:
     kinds = Counter(s.kind for s in sources)
     total = sum(s.records for s in sources)
     print(f"sources: {', '.join(plural(n, KIND_NAMES[k]) for k, n in kinds.items())}; {total} input records", file=sys.stderr)
-    with open(os.path.join(output_dir, "prepare.json"), "w") as f:
-        json.dump(manifest(sources, args), f, indent=1)
+    write_text(os.path.join(output_dir, "prepare.json"), json.dumps(manifest(sources, args), indent=1))
 
     # Plan the parts; keep the complete ones, clear what an interrupted run left half-written:
     tasks = plan_parts(sources, args.records_per_part, output_dir, args.min_side, args.max_side)
     for stale in glob.glob(os.path.join(output_dir, "part-*.gz.tmp.*")) + glob.glob(os.path.join(output_dir, "counts", "*.tmp")):
         os.remove(stale)
-    pending = [t for t in tasks if not is_complete(t)]
+    done = complete_remote_tasks(tasks) if is_remote(output_dir) else {t.index for t in tasks if is_complete(t)}
+    pending = [t for t in tasks if t.index not in done]
     if resumed:
         print(f"resuming: {len(tasks) - len(pending)} of {len(tasks)} parts already complete", file=sys.stderr)
 
@@ -354,8 +376,7 @@ def prepare(args, workers: Workers) -> int:
     # Lists and summary, over every part (this run's and earlier runs'):
     counts = {}
     for t in tasks:
-        with open(counts_path(t.path)) as f:
-            counts[t.index] = json.load(f)
+        counts[t.index] = read_json(counts_path(t.path))
     skips = Counter()
     for s in sources:
         skips.update(s.skips)

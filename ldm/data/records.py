@@ -36,6 +36,7 @@ SKIP_REASONS = (
     "extreme_aspect_ratio",  # longer side over --max_aspect_ratio times the shorter
     "not_cached",  # training from cached latents, and column 4 holds none for this autoencoder and resolution
     "not_a_file",  # a part path naming a FIFO, device, socket or directory (never opened: a FIFO would block)
+    "unreadable_part",  # a remote part whose reads kept failing after the retries (ldm.data.storage); records read before stand
 )
 
 
@@ -92,6 +93,7 @@ LIKELY_CAUSES = {
     "extreme_aspect_ratio": "every image was more elongated than --max_aspect_ratio",
     "not_cached": "its parts carry no moments of this autoencoder at this --resolution: re-run python -m ldm.cache_latents on them",
     "not_a_file": "its part paths name FIFOs, devices, sockets or directories, not files: check the paths in the filelists",
+    "unreadable_part": "its remote parts kept failing to download: check the object store and the network",
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ldm.data.records import SkipCounter, format_skips, log
 from ldm.data.filelists import FileListEntry, Unit, iter_unit_lines, make_units, shard_units
+from ldm.data.storage import prefetch_parts
 
 
 # Default of --parts_per_window: units read side by side into each shuffle window.
@@ -175,6 +176,8 @@ class ShardStream:
             resumed_midway = bool(cursor[1:].any())
             got_any = False
             for g in range(int(cursor[1]), len(groups)):
+                if g + 1 < len(groups):
+                    prefetch_parts([u.part for u in groups[g + 1]])  # remote parts only: their first blocks arrive meanwhile
                 for w, window in enumerate(group_windows(groups[g], self.window, self.skips, int(cursor[2])), start=int(cursor[2])):
                     order = np.random.default_rng([self.seed, list_index, pass_index, self.shard, g, w]).permutation(len(window))
                     for k in range(int(cursor[3]), len(order)):

@@ -10,6 +10,7 @@ import os
 import sys
 
 from ldm.data.filelists import read_file_list
+from ldm.data.storage import is_remote
 
 
 def split_file_list(file_list: str, output_dir: str, eval_parts: int = 1):
@@ -26,7 +27,7 @@ def split_file_list(file_list: str, output_dir: str, eval_parts: int = 1):
         for kind, parts in (("train", entry.parts[:-eval_parts]), ("eval", entry.parts[-eval_parts:])):
             path = os.path.join(output_dir, f"{kind}-{i:03d}-{os.path.basename(entry.path)}")
             with open(path, "w", encoding="utf-8") as f:
-                f.write("\n".join(os.path.abspath(p) for p in parts) + "\n")
+                f.write("\n".join(p if is_remote(p) else os.path.abspath(p) for p in parts) + "\n")
             lists[kind].append(f"{os.path.abspath(path)} {entry.weight:g}")
             counts[kind] += len(parts)
     out = {}

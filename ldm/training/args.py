@@ -10,6 +10,7 @@ from typing import List, Optional
 from paddlenlp.trainer import TrainingArguments
 
 from ldm.data.shards import PARTS_PER_WINDOW
+from ldm.data.storage import use_part_cache
 
 
 def require_positive(args, *names: str) -> None:
@@ -176,8 +177,18 @@ class DataArguments:
         metadata={"help": "Go on when a filelist of --file_list has no existing part (its weight then goes to the others); by default that stops the run at start-up."},
     )
 
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local directory that keeps whole copies of remote (s3://, https://) parts, least recently used out beyond --cache_size_gb; shared by the node's processes. Unset: parts are streamed, never copied."},
+    )
+    cache_size_gb: float = field(default=100.0, metadata={"help": "Bound of --cache_dir in GiB (the part being read stays, even alone over it)."})
+
     def __post_init__(self):
-        require_positive(self, "resolution", "shuffle_buffer", "parts_per_window")
+        require_positive(self, "resolution", "shuffle_buffer", "parts_per_window", "cache_size_gb")
+        if self.cache_dir:
+            # Module state of ldm.storage, set before any data worker forks, so every worker and
+            # every part opened later reads through the same cache.
+            use_part_cache(self.cache_dir, self.cache_size_gb)
         if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1:
             raise ValueError(f"--max_aspect_ratio must be >= 1 (the longer side over the shorter), got {self.max_aspect_ratio}")
 
