@@ -257,7 +257,7 @@ def main():
             f.write(os.path.join(tmp, "a.filelist") + "\n")
         from paddlenlp.transformers import BertTokenizer
 
-        tok_dir = write_tokenizer(build_vocab(f"a photo number {i} of a scene with pixels by" for i in range(10)), os.path.join(tmp, "tok"))
+        tok_dir = write_tokenizer(build_vocab(lambda: (f"a photo number {i} of a scene with pixels by" for i in range(10))), os.path.join(tmp, "tok"))
         tokenizer = BertTokenizer.from_pretrained(tok_dir)
 
         if args.source == "s3":

@@ -105,7 +105,7 @@ def build(args, tmp):
 
     rng = np.random.default_rng(0)
     captions = [random_record(rng, 8)[0] for _ in range(max(64, args.batch_size))]
-    tokenizer = write_tokenizer(build_vocab(captions), os.path.join(tmp, "tokenizer"), model_max_length=TOKENS)
+    tokenizer = write_tokenizer(build_vocab(lambda: captions), os.path.join(tmp, "tokenizer"), model_max_length=TOKENS)
     with open(os.path.join(ROOT, args.vae_config)) as f:
         vae_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     AutoencoderKL(**vae_config).save_pretrained(os.path.join(tmp, "vae"))

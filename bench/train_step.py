@@ -37,7 +37,7 @@ def make_inputs(tmp, preset, resolution, records):
     from ldm.data.tokenizer import build_vocab, iter_captions, write_tokenizer
 
     file_list = write_sample_dataset(os.path.join(tmp, "data"), num_parts=2, records_per_part=records // 2, size=resolution + 8, seed=1)
-    tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), os.path.join(tmp, "tokenizer"), model_max_length=16)
+    tokenizer = write_tokenizer(build_vocab(lambda: iter_captions(file_list)), os.path.join(tmp, "tokenizer"), model_max_length=16)
     with open(os.path.join(ROOT, "config", preset, "vae.json")) as f:
         config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     vae_dir = os.path.join(tmp, "vae")

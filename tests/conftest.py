@@ -89,7 +89,7 @@ def shapes(tmp_path_factory):
 
     def make(root):
         file_list = write_sample_dataset(str(root / "data"), num_parts=2, records_per_part=64, size=40, seed=1)
-        tokenizer = write_tokenizer(build_vocab(iter_captions(file_list)), str(root / "tokenizer"), model_max_length=16)
+        tokenizer = write_tokenizer(build_vocab(lambda: iter_captions(file_list)), str(root / "tokenizer"), model_max_length=16)
         return {"root": str(root), "file_list": file_list, "tokenizer": tokenizer}
 
     made = once_per_run(tmp_path_factory, "shapes", make)

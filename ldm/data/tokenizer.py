@@ -10,7 +10,7 @@ not one token per character. Only the caption column is read: no image is decode
 import argparse
 import os
 import sys
-from typing import Iterable, List
+from typing import Callable, Iterable, List
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0, LDMBert's pad_token_id
 
@@ -34,14 +34,25 @@ def iter_captions(file_list: str) -> Iterable[str]:
                     continue
 
 
-def build_vocab(captions: Iterable[str], vocab_size: int = 30522) -> List[str]:
+def build_vocab(read_captions: Callable[[], Iterable[str]], vocab_size: int = 30522) -> List[str]:
     """A WordPiece vocabulary of at most `vocab_size` tokens learnt from the captions, by id:
-    the specials first, then the characters seen, then the learnt subwords and words."""
+    the specials first, then the characters seen, then the learnt subwords and words.
+
+    `read_captions()` is called twice (it must give the same captions each time): once for the
+    characters, once to learn. The same captions always give the same vocabulary, which HF
+    `tokenizers`' trainer alone does not (huggingface/tokenizers#1794: it numbers the "##c"
+    continuation tokens in hash-map order, and those numbers break ties between merges, so two
+    runs on the same data learnt different vocabularies here, and models trained on them
+    differed). Given as special tokens in sorted order, every "##c" is numbered before training.
+    """
     from tokenizers import BertWordPieceTokenizer
 
     # The same normalisation and pre-tokenisation as paddlenlp's BertTokenizer(do_lower_case=True).
     tokenizer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
-    tokenizer.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL, show_progress=False)
+    normalize = tokenizer._tokenizer.normalizer.normalize_str  # wraps tokenizers (no public accessor for the normalizer)
+    seen = sorted({c for caption in read_captions() for c in normalize(caption) if not c.isspace()})
+    numbered = SPECIAL + ["##" + c for c in seen]
+    tokenizer.train_from_iterator(read_captions(), vocab_size=vocab_size, min_frequency=2, special_tokens=numbered, show_progress=False)
     vocab = tokenizer.get_vocab()
     learnt = sorted(vocab, key=vocab.get)
     # The trainer only has "##c" for characters it saw inside a word (and "c" for ones it saw
@@ -74,7 +85,7 @@ def main(argv=None):
     if args.vocab_size < len(SPECIAL) + 1:
         parser.error(f"--vocab_size must be > {len(SPECIAL)} (the special tokens), got {args.vocab_size}")
     try:
-        vocab = build_vocab(iter_captions(args.file_list), args.vocab_size)
+        vocab = build_vocab(lambda: iter_captions(args.file_list), args.vocab_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
