@@ -17,42 +17,22 @@ import argparse
 import os
 import time
 
-from ldm.training.runs import TOKENS, cached_latents, default_processes, run, sample_data_and_tokenizer, trainer
-
-# The stage-2 recipe (README "Quick start" has what each choice did to the scores):
-#   v-prediction: with epsilon the same budget learned no colours;
-#   zero terminal SNR: sampling starts from pure noise, where only the caption says what goes where;
-#   LDMBert's token embeddings at std 1.0: the reference's 0.02 lets attention's shared mixture
-#   drown each word, so "left", "right", "circle" and "square" never reached the UNet (position
-#   7/24; with 1.0: 24/24);
-#   an EMA of the weights (its warm-up makes the decay ~0.994 by step 1450): steadier colours and
-#   positions than the last step's weights (two runs: 24/24 on both against 20/22 and 24/24).
-RECIPE = ["--prediction_type", "v_prediction", "--zero_terminal_snr", "--text_encoder_embedding_std", "1.0", "--use_ema"]
-# Classifier-free guidance of the grid: lower than the stock 7.5, which at this size saturates
-# colours and blurs shapes (on one trained model, two sampling seeds: shape 18 and 20/24 at 2,
-# 16 and 21 at 3, 15 at 4, 17 at 5, 6 at 7.5 on another).
-GUIDANCE = 3.0
-# Each shape and each position twice, so the shape and position scores test all of them.
-PROMPTS = [
-    "a red circle on a blue background, on the left",
-    "a yellow square on a black background, in the middle",
-    "a white triangle on a green background, on the right",
-    "a blue circle on a yellow background, on the right",
-    "a green square on a red background, on the left",
-    "a black triangle on a white background, in the middle",
-]
+from ldm.training.runs import (DEMO_GUIDANCE, DEMO_LDM_STEPS, DEMO_PARTS, DEMO_PROMPTS, DEMO_VAE_STEPS, cached_latents, common_flags,
+                               default_processes, run, sample_data_and_tokenizer, stage1_command, stage2_command,
+                               trainer)  # noqa: F401 (trainer: tests/test_demo.py)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="demo_output", help="Where data, models and the grid are written.")
-    parser.add_argument("--vae_steps", type=int, default=500, help="Stage-1 optimizer steps.")
-    parser.add_argument("--ldm_steps", type=int, default=1450, help="Stage-2 optimizer steps.")
+    parser.add_argument("--vae_steps", type=int, default=DEMO_VAE_STEPS, help="Stage-1 optimizer steps.")
+    parser.add_argument("--ldm_steps", type=int, default=DEMO_LDM_STEPS, help="Stage-2 optimizer steps.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per optimizer step in both stages.")
     parser.add_argument("--processes", type=int, default=None,
                         help="Training processes, each taking --batch_size / processes images of every step (default: 1 on a "
                              "GPU; on a CPU, 2 if we may use 2 cores). On 2 cores two processes take 1.7x the steps/s of one: "
                              "Paddle's CPU kernels gain little from a second thread on tensors this small.")
+    parser.add_argument("--seed", type=int, default=23, help="Training seed of both stages (--seed of the scripts).")
     parser.add_argument("--samples_per_prompt", type=int, default=4, help="Columns of the grid.")
     args = parser.parse_args()
     if args.processes is None:
@@ -63,39 +43,30 @@ def main():
     t0 = time.time()
 
     # 1-2. Data and tokenizer:
-    file_list, tokenizer = sample_data_and_tokenizer(out, num_parts=8, records_per_part=500)
+    file_list, tokenizer = sample_data_and_tokenizer(out, num_parts=DEMO_PARTS, records_per_part=500)
 
-    common = ["--resolution", "32", "--per_device_train_batch_size", str(args.batch_size // args.processes),
-              "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "50", "--seed", "23",
-              "--dataloader_num_workers", "0", "--do_train"]
-    # 3. Stage 1: an f=2 autoencoder (32 px -> 16x16 latents). The tiny preset's f=4 one kept the
-    # shape in 32 of 48 of its own reconstructions (squares came back round); this one in 48.
+    common = common_flags(args.batch_size, args.processes, 1e-3, args.seed)
+    # 3. Stage 1: the demo's f=2 autoencoder (32 px -> 16x16 latents; ldm/training/runs.py PRESETS
+    # says why each of its flags).
     vae = os.path.join(out, "vae")
     if not os.path.isfile(os.path.join(vae, "config.json")):
-        run("stage 1: autoencoder", [*trainer(args.processes, "train_vae.py", os.path.join(out, "logs", "vae")), "--output_dir", vae, "--vae_config_file", "config/demo/vae.json",
-                                     "--file_list", file_list, "--max_steps", str(args.vae_steps), "--save_steps", str(args.vae_steps),
-                                     "--image_logging_steps", str(args.vae_steps), *common,
-                                     # No discriminator and Adam's usual betas: a short run learns faster so (README "Two
-                                     # stages": 18.6 dB reconstruction PSNR after 300 steps against 15.4 dB).
-                                     "--disc_weight", "0", "--adam_beta1", "0.9", "--adam_beta2", "0.999"])
+        run("stage 1: autoencoder", stage1_command("demo", args.processes, out, file_list, args.vae_steps, common,
+                                                   extra=["--image_logging_steps", str(args.vae_steps)]))
     # 4. The frozen encoder's output, once for every image, so stage 2 only samples from it.
     cached_list = cached_latents(file_list, vae, os.path.join(out, "latents"), resolution=32)
-    # 5. Stage 2. The UNet (config/demo/unet.json) reads the caption at 16x16 too, where the shape's
-    # edges are drawn: with cross-attention only at 8x8 and 4x4 it drew blobs (shape 7-17/24 in 4 runs).
+    # 5. Stage 2: LDMBert + the demo's UNet with the demo's recipe (v-prediction, zero terminal
+    # SNR, LDMBert's embeddings at std 1.0, EMA: PRESETS says what each did).
     ldm = os.path.join(out, "ldm")
     if not os.path.isfile(os.path.join(ldm, "model_index.json")):
-        run("stage 2: LDMBert + UNet", [*trainer(args.processes, "train_txt2img_laion400m_trainer.py", os.path.join(out, "logs", "ldm")), "--output_dir", ldm,
-                                        "--vae_name_or_path", vae, "--tokenizer_name", tokenizer, "--file_list", cached_list,
-                                        "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/demo/unet.json",
-                                        "--model_max_length", str(TOKENS), "--max_steps", str(args.ldm_steps), "--save_steps", "500",
-                                        "--save_total_limit", "1", "--image_logging_steps", str(args.ldm_steps), "--num_inference_steps", "25", *common,
-                                        *RECIPE])
+        run("stage 2: LDMBert + UNet", stage2_command("demo", args.processes, out, tokenizer, cached_list, args.ldm_steps, common,
+                                                      extra=["--save_steps", "500", "--save_total_limit", "1", "--image_logging_steps",
+                                                             str(args.ldm_steps), "--num_inference_steps", "25"]))
 
     # 6. Samples from the stock pipeline:
     print("\n==> samples", flush=True)
     from ldm.evaluation.sampling import sample_grid
 
-    grid_path, matches, total = sample_grid(ldm, PROMPTS, args.samples_per_prompt, os.path.join(out, "samples.png"), guidance_scale=GUIDANCE)
+    grid_path, matches, total = sample_grid(ldm, DEMO_PROMPTS, args.samples_per_prompt, os.path.join(out, "samples.png"), guidance_scale=DEMO_GUIDANCE)
     print(f"demo finished in {time.time() - t0:.0f} s")
     print(f"grid of samples (one row per prompt): {os.path.abspath(grid_path)}")
     # Samples whose background colour, shape colour, shape and position match their prompt,

@@ -40,24 +40,32 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ldm.training.runs import TOKENS, cached_latents, default_processes, run, sample_data_and_tokenizer, trainer  # noqa: E402
+from ldm.training.runs import (DEMO_GUIDANCE, DEMO_LDM_STEPS, DEMO_PARTS, DEMO_PROMPTS, DEMO_VAE_STEPS, PRESETS, cached_latents, common_flags, default_processes, run,  # noqa: E402
+                               sample_data_and_tokenizer, stage1_command, stage2_command)
 from ldm.data.sample_data import COLOURS, POSITIONS, SCORES, SHAPES, caption_for  # noqa: E402
 
 RESOLUTION = 32
+# Each preset's default budget: tiny's fits 3 seeds in ~13 minutes on 2 idle cores; demo's is
+# make demo's own (~10 minutes a seed).
+BUDGETS = {"tiny": {"vae_steps": 200, "ldm_steps": 1000, "num_parts": 4},
+           "demo": {"vae_steps": DEMO_VAE_STEPS, "ldm_steps": DEMO_LDM_STEPS, "num_parts": DEMO_PARTS}}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="Training seeds, comma-separated (--seed of both stages).")
-    parser.add_argument("--vae_steps", type=int, default=200, help="Stage-1 optimizer steps.")
-    parser.add_argument("--ldm_steps", type=int, default=1000, help="Stage-2 optimizer steps.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: config/tiny with the scripts' defaults (what a change of default is measured on); demo: make "
+                             "demo's models and recipe (ldm/training/runs.py PRESETS), which also prints each seed's demo scores.")
+    parser.add_argument("--vae_steps", type=int, default=None, help="Stage-1 optimizer steps (default: tiny 200, demo as make demo).")
+    parser.add_argument("--ldm_steps", type=int, default=None, help="Stage-2 optimizer steps (default: tiny 1000, demo as make demo).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per optimizer step in both stages (split over --processes).")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate of both stages.")
     parser.add_argument("--stage1_args", default="", help="Extra train_vae.py flags, one shell-quoted string (they come last, so they override).")
     parser.add_argument("--stage2_args", default="", help="Extra train_txt2img_laion400m_trainer.py flags, one shell-quoted string (they come last).")
     parser.add_argument("--processes", type=int, default=None,
                         help="Training processes per stage (default as make demo: 1 on a GPU, on a CPU one per core up to 2).")
-    parser.add_argument("--num_parts", type=int, default=4, help="Parts of the built-in set.")
+    parser.add_argument("--num_parts", type=int, default=None, help="Parts of the built-in set (default: tiny 4, demo 8 as make demo).")
     parser.add_argument("--records_per_part", type=int, default=500, help="Captioned images per part.")
     parser.add_argument("--num_prompts", type=int, default=25, help="Captions sampled (every shape and position alike, colours drawn at random).")
     parser.add_argument("--samples_per_prompt", type=int, default=4, help="Samples per caption (a different initial noise each).")
@@ -67,6 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="quality_output", help="Where data, models, grids and scores are written.")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for name, value in BUDGETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.processes is None:
         args.processes = default_processes()
     if not args.seeds:
@@ -129,36 +140,32 @@ def train_and_score(args, seed, file_list, tokenizer):
             result["autoencoder"] = autoencoder_ceiling(os.path.join(out, "vae"), bench_prompts(args.num_prompts))
         return result
     seconds = {}
-    common = ["--resolution", str(RESOLUTION), "--per_device_train_batch_size", str(args.batch_size // args.processes),
-              "--learning_rate", str(args.learning_rate), "--logging_steps", "50", "--seed", str(seed),
-              "--dataloader_num_workers", "0", "--do_train"]
-    # Stage 1: the tiny preset's f=4 autoencoder (32 px -> 8x8 latents), train_vae.py's defaults.
+    common = common_flags(args.batch_size, args.processes, args.learning_rate, seed, RESOLUTION)
+    # Stage 1: the preset's autoencoder (tiny: f=4, 32 px -> 8x8 latents, train_vae.py's defaults).
     vae = os.path.join(out, "vae")
     if not os.path.isfile(os.path.join(vae, "config.json")):
-        seconds["stage 1"] = run(f"seed {seed}, stage 1: autoencoder", [
-            *trainer(args.processes, "train_vae.py", os.path.join(out, "logs", "vae")), "--output_dir", vae,
-            "--vae_config_file", "config/tiny/vae.json", "--file_list", file_list, "--max_steps", str(args.vae_steps),
-            "--save_steps", str(args.vae_steps), "--image_logging_steps", "0", *common, *shlex.split(args.stage1_args)])
+        seconds["stage 1"] = run(f"seed {seed}, stage 1: autoencoder", stage1_command(
+            args.preset, args.processes, out, file_list, args.vae_steps, common, extra=["--image_logging_steps", "0", *shlex.split(args.stage1_args)]))
     start = time.time()
     cached_list = cached_latents(file_list, vae, os.path.join(out, "latents"), RESOLUTION)
     seconds["cache"] = time.time() - start
-    # Stage 2: LDMBert + UNet of the tiny preset, the Trainer script's defaults.
+    # Stage 2: LDMBert + the preset's UNet (tiny: the Trainer script's defaults).
     ldm = os.path.join(out, "ldm")
     if not os.path.isfile(os.path.join(ldm, "model_index.json")):
-        seconds["stage 2"] = run(f"seed {seed}, stage 2: LDMBert + UNet", [
-            *trainer(args.processes, "train_txt2img_laion400m_trainer.py", os.path.join(out, "logs", "ldm")), "--output_dir", ldm,
-            "--vae_name_or_path", vae, "--tokenizer_name", tokenizer, "--file_list", cached_list,
-            "--text_encoder_config_file", "config/tiny/ldmbert.json", "--unet_config_file", "config/tiny/unet.json",
-            "--model_max_length", str(TOKENS), "--max_steps", str(args.ldm_steps), "--save_steps", str(args.ldm_steps),
-            "--save_total_limit", "1", "--image_logging_steps", "0", *common, *shlex.split(args.stage2_args)])
+        seconds["stage 2"] = run(f"seed {seed}, stage 2: LDMBert + UNet", stage2_command(
+            args.preset, args.processes, out, tokenizer, cached_list, args.ldm_steps, common,
+            extra=["--save_steps", str(args.ldm_steps), "--save_total_limit", "1", "--image_logging_steps", "0", *shlex.split(args.stage2_args)]))
     # Samples from the stock pipeline, read back by the demo's scorer:
     from ldm.evaluation.sampling import sample_grid
 
     start = time.time()
     _, matches, total = sample_grid(ldm, bench_prompts(args.num_prompts), args.samples_per_prompt, os.path.join(out, "samples.png"),
                                     guidance_scale=args.guidance_scale, steps=args.sample_steps, seed=0)
-    seconds["samples"] = time.time() - start
     result = {name: matches[name] / total for name in SCORES}
+    if args.preset == "demo":  # and make demo's own grid and scores (demo.py's prompts, guidance and sampling seed)
+        _, result["demo"], result["demo_samples"] = sample_grid(ldm, DEMO_PROMPTS, args.samples_per_prompt, os.path.join(out, "demo_samples.png"),
+                                                                guidance_scale=DEMO_GUIDANCE, steps=args.sample_steps, seed=0)
+    seconds["samples"] = time.time() - start
     result["score"] = statistics.mean(result[name] for name in SCORES)
     result["samples"] = total
     result["autoencoder"] = autoencoder_ceiling(vae, bench_prompts(args.num_prompts))
@@ -185,8 +192,10 @@ def main():
         ceiling = result["autoencoder"]
         print(f"    its autoencoder's round trip of the prompts' own renders: " + ", ".join(f"{name} {ceiling[name]:.2f}" for name in SCORES)
               + f" -> {ceiling['score']:.3f}", flush=True)
+        if "demo" in result:
+            print("    demo scores: " + ", ".join(f"{name} {n}/{result['demo_samples']}" for name, n in result["demo"].items()), flush=True)
     scores = [results[seed]["score"] for seed in args.seeds]
-    print(f"budget: stage 1 {args.vae_steps} steps, stage 2 {args.ldm_steps} steps, batch {args.batch_size}, lr {args.learning_rate:g}"
+    print(f"budget ({args.preset}): stage 1 {args.vae_steps} steps, stage 2 {args.ldm_steps} steps, batch {args.batch_size}, lr {args.learning_rate:g}"
           f"; stage 1 extra: {args.stage1_args or '-'}; stage 2 extra: {args.stage2_args or '-'}; {time.time() - t0:.0f} s in all")
     print(f"quality: prompt-following {' '.join(f'{s:.3f}' for s in scores)} median {statistics.median(scores):.3f} "
           f"of {len(scores)} seeds (spread {max(scores) - min(scores):.3f})")

@@ -8,8 +8,9 @@ from conftest import run_script
 
 
 def test_the_quality_benchmark_runs_both_stages_samples_and_ends_with_the_median_line(tmp_path):
+    """With make demo's preset, so the per-seed demo scores (the demo's prompts, 4 a prompt) are run too."""
     out = tmp_path / "quality"
-    res = run_script(["bench/quality.py", "--seeds", "3", "--vae_steps", "2", "--ldm_steps", "2", "--batch_size", "4",
+    res = run_script(["bench/quality.py", "--preset", "demo", "--seeds", "3", "--vae_steps", "2", "--ldm_steps", "2", "--batch_size", "4",
                       "--processes", "1", "--num_parts", "1", "--records_per_part", "16", "--num_prompts", "3",
                       "--samples_per_prompt", "1", "--sample_steps", "4", "--output_dir", str(out),
                       "--stage2_args", "--warmup_steps 1"], timeout=300)
@@ -25,9 +26,13 @@ def test_the_quality_benchmark_runs_both_stages_samples_and_ends_with_the_median
     assert abs(np.mean(shares) - score) < 2e-3  # the seed's score is the mean of its four attribute shares
     ceiling = lines[lines.index(seed_line) + 1]  # what the seed's autoencoder allows, by the same scorer
     assert "autoencoder's round trip" in ceiling and 0 <= float(ceiling.rsplit("-> ", 1)[1]) <= 1
+    demo = re.fullmatch(r"    demo scores: background (\d+)/6, shape colour (\d+)/6, shape (\d+)/6, position (\d+)/6", lines[lines.index(seed_line) + 2])
+    assert demo and all(0 <= int(n) <= 6 for n in demo.groups())
     # What the seed's run left: an exported pipeline (the stock layout), its grid and its scores.
     seed_dir = out / "seed-3"
     assert (seed_dir / "ldm" / "model_index.json").is_file() and (seed_dir / "samples.png").is_file()
+    assert json.loads((seed_dir / "ldm" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"  # the demo's recipe
+    assert json.loads((seed_dir / "ldm" / "unet" / "config.json").read_text())["sample_size"] == 16  # the demo's f=2 autoencoder
     assert json.loads((seed_dir / "scores.json").read_text())["samples"] == 3
 
 
