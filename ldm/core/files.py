@@ -1,10 +1,12 @@
-"""File modes for what we write: the umask decides, as for any other file the user writes.
+"""Files we write and read back: their modes (the umask decides, as for any other file the user
+writes), and the one JSON reader of local files.
 
 The safetensors writer (used by our checkpoints and by ppdiffusers' `save_pretrained`) creates
 every file with mode 0600 whatever the umask. On a cluster that means a teammate cannot read the
 run's checkpoints or exported model, and a job resumed under another uid (a Kubernetes pod, a
 service account) cannot read its own checkpoint. We set the mode a plain `open()` would have given.
 """
+import json
 import os
 
 
@@ -35,3 +37,9 @@ def safetensors_as_umask_allows(directory: str) -> None:
         for name in files:
             if name.endswith(".safetensors"):
                 as_umask_allows(os.path.join(root, name))
+
+
+def read_json(path: str):
+    """A local JSON file (args.json, trainer_state.json, a model config), read as UTF-8."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -115,7 +115,7 @@ def model_from_checkpoint(path: str, use_ema: bool = True, trust_pickle: bool = 
     from ldm.models.ldm import check_state_shapes
     from ldm.training.checkpoint import trainable_state
     from ldm.training.build import create_model
-    from ldm.models.recipe import read_json
+    from ldm.core.files import read_json
     from ldm.core.safeload import load_pickle, refuse
 
     safe_file, pickle_file = os.path.join(path, "model.safetensors"), os.path.join(path, "model_state.pdparams")

@@ -17,7 +17,6 @@ forward of one image, on the CPU less than one training step of one image) and l
 (docs/performance.md).
 """
 from dataclasses import dataclass
-from typing import Dict
 
 import paddle
 import paddle.nn as nn

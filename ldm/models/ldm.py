@@ -23,7 +23,8 @@ from ppdiffusers.models.transformer_2d import Transformer2DModel
 from ppdiffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 from ppdiffusers.utils.initializer_utils import normal_, reset_initialized_parameter, zeros_
 
-from ldm.models.recipe import Recipe, continued_recipe, ddim_scheduler, min_snr_weights, read_json, sample_noise, sample_timesteps, snr, training_target
+from ldm.core.files import read_json
+from ldm.models.recipe import Recipe, continued_recipe, ddim_scheduler, min_snr_weights, sample_noise, sample_timesteps, snr, training_target
 
 
 def require_local(path: Optional[str], flag: str, what: str = "directory") -> str:

@@ -3,13 +3,14 @@ target, SNR and min-SNR weights, and what a pipeline directory says it was train
 """
 import dataclasses
 from dataclasses import dataclass
-import json
 import os
 from typing import Collection, Optional
 
 import numpy as np
 import paddle
 from ppdiffusers import DDIMScheduler
+
+from ldm.core.files import read_json
 
 
 # The noise schedule of the LDM paper's text-to-image models (and of the seed).
@@ -177,8 +178,3 @@ def min_snr_weights(snr_t: paddle.Tensor, gamma: float, prediction_type: str) ->
     weights = clipped / (snr_t + 1.0)
     return paddle.where(snr_t == 0, paddle.ones_like(weights), weights)
 
-
-
-def read_json(path: str) -> dict:
-    with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)

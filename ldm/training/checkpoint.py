@@ -39,6 +39,7 @@ from ldm.training.checkpoint_io import (WriteFailed, decode, describe, encode, f
                                         safetensors_header_error, write_json, write_safetensors, write_state)
 from ldm.training.data_position import data_position_file
 from ldm.training.runtime import any_rank
+from ldm.core.files import read_json
 from ldm.core.safeload import load_pickle, refuse
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -383,11 +384,6 @@ def save_checkpoint(output_dir, step, model, optimizer, lr_scheduler, data_progr
 
 
 # -- reading -----------------------------------------------------------------------------------
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
 
 def load_weights(path: str, model, trust_pickle: bool = False) -> dict:
     """model.safetensors as NumPy arrays (an old Trainer checkpoint's model_state.pdparams only with
