@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated datasets and helpers that run the real scripts."""
 import base64
 import fcntl
+import gc
 import gzip
 import io
 import json
@@ -14,6 +15,19 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(autouse=True)
+def frozen_survivors():
+    """Before each test, leave every object that is still alive (paddle, ppdiffusers and paddlenlp
+    with their lazy imports, cached fixtures: ~400k objects) out of the garbage collector's later
+    collections. A full collection walks every tracked object, ~0.3 s apiece in a worker, and
+    Python runs them every so often, ppdiffusers' from_pretrained after each model it loads and
+    Paddle's SOT translator after each frame. Objects a test creates are collected as before
+    (the collect() here first frees the previous test's cyclic garbage, so freezing keeps none)."""
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 def run_script(args, cwd=ROOT, timeout=600, env=None):
