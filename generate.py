@@ -12,6 +12,7 @@ import re
 import sys
 
 from ldm.evaluation.loading import SCHEDULERS
+from ldm.core.process import leave_imports_out_of_gc
 
 
 def parse_args(argv=None):
@@ -45,6 +46,7 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def main(argv=None):
+    leave_imports_out_of_gc()  # the collector's full passes skip the libraries imported above
     # Arguments and prompts (bad input stops here, before the model loads):
     args = parse_args(argv)
     from ldm.evaluation.loading import check_size, generate, load_pipeline, read_prompt_file, save_grid, set_scheduler, write_json

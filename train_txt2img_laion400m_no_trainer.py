@@ -30,9 +30,11 @@ from ldm.training.runtime import (StepAgreement, exit_on_bad_input, log_paramete
                                   set_cpu_threads, skip_warning)
 from ldm.core.rng import preserved_rng
 from ldm.training.validation import Validator, fixed_log_batch
+from ldm.core.process import leave_imports_out_of_gc
 
 
 def main():
+    leave_imports_out_of_gc()  # the collector's full passes skip the libraries imported above
     # Parse arguments (the Trainer script's --model_name_or_path is --pretrained_model_name_or_path here):
     model_args, data_args, recipe_args, args = parse_args(ModelArguments, DataArguments, RecipeArguments, LoopArguments)
     model_args.model_name_or_path = model_args.model_name_or_path or args.pretrained_model_name_or_path

@@ -15,9 +15,11 @@ from ldm.evaluation.export import save_final
 from ldm.training.runtime import exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, set_cpu_threads
 from ldm.training.trainer import StreamTrainer
 from ldm.training.validation import Validator, fixed_log_batch
+from ldm.core.process import leave_imports_out_of_gc
 
 
 def main():
+    leave_imports_out_of_gc()  # the collector's full passes skip the libraries imported above
     # Parse arguments:
     model_args, data_args, recipe_args, training_args = parse_args(ModelArguments, DataArguments, RecipeArguments, LDMTrainingArguments)
     threads = set_cpu_threads(training_args.num_threads, training_args.dataloader_num_workers)  # the cores the data workers leave

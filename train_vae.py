@@ -27,6 +27,7 @@ from ldm.training.checkpoint import checkpoint_to_resume
 from ldm.training.runtime import exit_on_bad_input, log_parameter_checksum, log_startup, require_writable_dir, set_cpu_threads
 from ldm.core.files import safetensors_as_umask_allows
 from ldm.training.validation import fixed_log_batch
+from ldm.core.process import leave_imports_out_of_gc
 
 
 @dataclass
@@ -55,6 +56,7 @@ class AutoencoderTrainingArguments(LDMTrainingArguments):
 
 
 def main():
+    leave_imports_out_of_gc()  # the collector's full passes skip the libraries imported above
     # Parse arguments:
     ae_args, data_args, training_args = parse_args(AutoencoderArguments, DataArguments, AutoencoderTrainingArguments)
     threads = set_cpu_threads(training_args.num_threads, training_args.dataloader_num_workers)  # the cores the data workers leave

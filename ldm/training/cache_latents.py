@@ -34,6 +34,7 @@ import numpy as np
 from ldm.data.records import SkipCounter, Skip, decode_image, format_skips, parse_line
 from ldm.data.filelists import Unit, iter_unit_lines, read_file_list
 from ldm.data.latent_records import CROP, LatentCache, cache_prefix, moments_column
+from ldm.core.process import leave_imports_out_of_gc
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pdparams", ".bin")
@@ -203,6 +204,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def main(argv=None) -> int:
+    leave_imports_out_of_gc()  # the collector's full passes skip the libraries imported above
     parser = argparse.ArgumentParser(prog="python -m ldm.cache_latents", description=__doc__.splitlines()[0])
     parser.add_argument("--file_list", required=True, help="File list list of the parts to cache (the training --file_list).")
     parser.add_argument("--vae_name_or_path", required=True, help="Local directory of the frozen autoencoder stage 2 will use (train_vae.py's output, or a pipeline's vqvae/).")
