@@ -33,8 +33,8 @@ def test_the_default_is_one_process_per_core_up_to_two_on_a_cpu():
 
 
 def test_the_demo_unet_reads_the_caption_at_both_levels_and_attends_to_itself_at_8x8():
-    """config/demo/unet.json: two levels, 16x16 and 8x8 (a third, 4x4 level cost 1.4x the UNet's step
-    time and learned shapes slower: docs/demo.md). At the 16x16 latents, where the shape's edges are
+    """config/demo/unet.json: two levels, 16x16 and 8x8 (the 3-seed quality figures of docs/quality.md
+    are this UNet's; a third, 4x4 level cost the same step time). At the 16x16 latents, where the shape's edges are
     drawn, both attention layers read the caption (the cheapest way to give that level the text:
     self-attention over 256 positions would cost more); at 8x8 the usual self- then cross-attention,
     which also gives every position the whole image (left, middle or right)."""
