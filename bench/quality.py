@@ -1,7 +1,7 @@
 """Prompt-following of a fixed-budget two-stage run, over several training seeds: tells a change of
 recipe from the luck of one seed.
 
-    python bench/quality.py [--seeds 0,1,2] [--vae_steps 200] [--ldm_steps 1000] [--batch_size 16]
+    python bench/quality.py [--preset tiny|demo] [--seeds 0,1,2] [--vae_steps 200] [--ldm_steps 1000] [--batch_size 16]
                             [--stage1_args "--adam_beta1 0.9"] [--stage2_args "--warmup_steps 100"]
 
 For each training seed, the same commands a user runs (ldm.training.runs, as `make demo`), with only
@@ -16,6 +16,10 @@ seed 0) for --num_prompts captions x --samples_per_prompt, and each sample is re
 pixels by ldm.data.sample_data.read_shape, the demo's scorer: does it show the background colour,
 the shape colour, the shape and the position its caption asks for? The same scorer on each
 prompt's own render sent through the seed's autoencoder and back says what stage 1 allows.
+
+With --preset demo it trains make demo's models and recipe instead (config/demo, the flags in
+ldm.training.runs.PRESETS, make demo's budget) and also prints each seed's `demo scores` line (the
+demo's 6 prompts x 4, as make demo prints it).
 
 Why this set and scorer rather than captioned digits and a trained classifier: read_shape is
 exact on the set's own renders (it reads back all four attributes of every one of them; see
@@ -46,7 +50,7 @@ from ldm.data.sample_data import COLOURS, POSITIONS, SCORES, SHAPES, caption_for
 
 RESOLUTION = 32
 # Each preset's default budget: tiny's fits 3 seeds in ~13 minutes on 2 idle cores; demo's is
-# make demo's own (~10 minutes a seed).
+# make demo's own (~14 minutes a seed, estimated).
 BUDGETS = {"tiny": {"vae_steps": 200, "ldm_steps": 1000, "num_parts": 4},
            "demo": {"vae_steps": DEMO_VAE_STEPS, "ldm_steps": DEMO_LDM_STEPS, "num_parts": DEMO_PARTS}}
 
