@@ -18,8 +18,7 @@ import os
 import time
 
 from ldm.training.runs import (DEMO_GUIDANCE, DEMO_LDM_STEPS, DEMO_PARTS, DEMO_PROMPTS, DEMO_VAE_STEPS, cached_latents, common_flags,
-                               default_processes, run, sample_data_and_tokenizer, stage1_command, stage2_command,
-                               trainer)  # noqa: F401 (trainer: tests/test_demo.py)
+                               default_processes, run, sample_data_and_tokenizer, stage1_command, stage2_command)
 
 
 def main():

@@ -5,12 +5,12 @@ import sys
 
 from conftest import run_script
 
-import demo
+from ldm.training.runs import trainer
 
 
 def test_one_process_runs_the_script_two_go_through_paddles_launcher(tmp_path):
-    assert demo.trainer(1, "train_vae.py", str(tmp_path)) == [sys.executable, "train_vae.py"]
-    cmd = demo.trainer(2, "train_vae.py", str(tmp_path / "logs"))
+    assert trainer(1, "train_vae.py", str(tmp_path)) == [sys.executable, "train_vae.py"]
+    cmd = trainer(2, "train_vae.py", str(tmp_path / "logs"))
     assert cmd[:3] == [sys.executable, "-m", "paddle.distributed.launch"] and cmd[-1] == "train_vae.py"
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2" and cmd[cmd.index("--log_dir") + 1] == str(tmp_path / "logs")
 

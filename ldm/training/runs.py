@@ -109,7 +109,7 @@ PRESETS = {
         #   LDMBert's token embeddings at std 1.0: the reference's 0.02 lets attention's shared mixture
         #   drown each word, so "left", "right", "circle" and "square" never reached the UNet (position
         #   7/24; with 1.0: 24/24);
-        #   an EMA of the weights (its warm-up makes the decay ~0.99 by step 1000): steadier colours and
+        #   an EMA of the weights (its warm-up makes the decay ~0.994 by step 1450): steadier colours and
         #   positions than the last step's weights.
         "stage2": ["--lr_scheduler_type", "constant", "--prediction_type", "v_prediction", "--zero_terminal_snr",
                    "--text_encoder_embedding_std", "1.0", "--use_ema"],
