@@ -69,6 +69,11 @@ def test_two_processes_train_in_sync_and_resume(shapes, vae_dir, same_records, t
     assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
     vdl_files = [f for _, _, files in os.walk(out / "runs") for f in files if f.startswith("vdlrecords")]
     assert vdl_files and "Saved LDMTextToImagePipeline" in logs[0] and "Saved LDMTextToImagePipeline" not in logs[1]
+    # Rank 0 wrote the model card alone, from the run's last checkpoint (no collective once the
+    # other ranks have left).
+    assert "model card not written" not in logs[0]
+    card = (out / "README.md").read_text()
+    assert "- Steps: 4 (checkpoint checkpoint-4)" in card and "x 2 process(es)" in card, card
     # Speed per device is each device's share (two here), and the achieved TFLOP/s is logged beside it.
     speed = logged_speed(out, kind)
     assert speed and all(abs(s["images_per_second_per_device"] - s["images_per_second"] / 2) < 1e-3 * s["images_per_second"] and

@@ -80,14 +80,18 @@ def find_checkpoint(model_dir: str):
     """(the checkpoint whose records describe the model, the run directory), or (None, None).
     A checkpoint-N describes itself; a run's final directory is described by its newest
     complete checkpoint: both scripts write one at the last step before the final save, so it
-    holds the final step, skip counts and arguments."""
-    from ldm.training.checkpoint import CHECKPOINT_RE, latest_checkpoint
+    holds the final step, skip counts and arguments.
+
+    Local to the calling process: only rank 0 writes the card, so a collective here (as
+    `latest_checkpoint`'s broadcast) would wait for ranks that have left (gloo: a TIMEOUT and no
+    card after every multi-process run; NCCL: a hang at the final save)."""
+    from ldm.training.checkpoint import CHECKPOINT_RE, complete_checkpoints
 
     model_dir = os.path.abspath(model_dir)
     if CHECKPOINT_RE.match(os.path.basename(model_dir)):
         return model_dir, os.path.dirname(model_dir)
-    newest = latest_checkpoint(model_dir)
-    return (newest, model_dir) if newest else (None, model_dir)
+    complete = complete_checkpoints(model_dir)
+    return (complete[-1], model_dir) if complete else (None, model_dir)
 
 
 def read_json_or_none(path: str):
