@@ -1,8 +1,13 @@
 """A TCP proxy that cuts connections mid-transfer: real dropped connections for the object-storage
 tests (tests/test_object_storage.py) and benchmark (bench/data_throughput.py --source s3)."""
+import re
 import socket
 import threading
 import time
+
+# The first line of an HTTP/1.1 request at the start of a line (requests on a kept-alive connection
+# follow each other; the bodies sent here, gzip parts and JSON, do not hold such a line).
+REQUEST_LINE = re.compile(rb"^(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.1\r$", re.MULTILINE)
 
 
 def free_port() -> int:
@@ -18,11 +23,13 @@ class CuttingProxy:
 
     cut_at_match = b""
     quiet_s = 0.0  # after a cut, none for this long (so the retry of the cut transfer goes through)
+    latency_s = 0.0  # each request held this long before it is passed on (a distant server's round trip)
 
     def __init__(self, target: int, cut_after: int):
         self.target, self.cut_after, self.cuts, self.cut_done = target, cut_after, 0, 0
         self._quiet_until = 0.0
         self.forwarded = 0  # response bytes passed on to clients, headers included
+        self.requests = []  # "METHOD /path?query" of every request passed on, in order
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
@@ -72,13 +79,18 @@ class CuttingProxy:
                     pass
                 s.close()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
+        """Client to server: passed on as is; the request lines seen are kept in `requests`."""
         try:
             while True:
                 chunk = src.recv(65536)
                 if not chunk:
                     break
+                lines = REQUEST_LINE.findall(chunk)
+                if lines:
+                    with self.lock:
+                        self.requests.extend(f"{m.decode()} {p.decode()}" for m, p in lines)
+                    time.sleep(self.latency_s)
                 dst.sendall(chunk)
         except OSError:
             pass
