@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -222,6 +223,41 @@ def test_part_cache_is_bounded_lru(s3, tmp_path, monkeypatch):
     assert len(list(iter_unit_lines(Unit(parts[0], 0, 1), skips))) == 64
     storage._filesystems.clear()
     assert not skips
+
+
+def test_part_cache_downloads_a_part_once(s3, proxy, tmp_path, monkeypatch):
+    """--cache_dir: the prefetch of the next group and a reader that catches up with it download
+    the part once (the reader waits for it); a part that cannot be fetched is counted by the
+    reader, with no traceback from the prefetch thread, and no lock file is left behind."""
+    from ldm.data import storage
+    from ldm.data.filelists import Unit, iter_unit_lines
+    from ldm.data.records import SkipCounter
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(storage, "_cache", storage.PartCache())
+    storage.use_part_cache(str(cache), max_gb=1.0)
+    proxy.latency_s = 0.3  # a distant store: the reader asks while the prefetch is still downloading
+    parts, skips = list(s3["parts"]), SkipCounter()
+
+    def gets(part):
+        return sum(r.split("?")[0] == "GET /" + part[len("s3://"):] for r in proxy.requests)
+
+    assert len(list(iter_unit_lines(Unit(parts[0], 0, 1), skips))) == 64
+    one_download = gets(parts[0])
+    assert one_download >= 1
+    storage.prefetch_parts([parts[1]])
+    assert len(list(iter_unit_lines(Unit(parts[1], 0, 1), skips))) == 64
+    assert gets(parts[1]) == one_download
+
+    missing = f"s3://{BUCKET}/shapes/part-99998.gz"
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)  # what a thread would print as a traceback
+    storage.prefetch_parts([missing])
+    assert list(iter_unit_lines(Unit(missing, 0, 1), skips)) == []
+    assert dict(skips) == {"missing_part": 1}
+    time.sleep(1.5)  # the prefetch thread has given up too
+    assert raised == []
+    assert not [n for n in os.listdir(cache) if n.startswith(".")]
 
 
 def test_trainer_trains_two_steps_from_s3(s3, shapes, vae_dir, tmp_path):

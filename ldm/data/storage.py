@@ -21,6 +21,7 @@ How a remote part is read (streaming, not copying):
 This module belongs to the data layer: it imports nothing of ldm's models or training.
 """
 import collections
+import fcntl
 import hashlib
 import io
 import os
@@ -368,7 +369,7 @@ def prefetch_parts(paths: Sequence[str]) -> None:
         if not is_remote(path) or path in _prefetched:
             continue
         if _cache.directory:
-            threading.Thread(target=_cache.local_copy, args=(path,), daemon=True).start()
+            threading.Thread(target=_cache.prefetch, args=(path,), daemon=True).start()
             continue
         _prefetched[path] = RemoteReader(path)
         while len(_prefetched) > MAX_PREFETCHED:
@@ -384,7 +385,10 @@ class PartCache:
     """Whole remote parts kept in a local directory, least recently used first out once they pass
     `max_bytes`. The node's processes share it: a part appears only complete (written to a
     temporary name, then renamed), a hit touches its time, and a part evicted while another process
-    reads it stays readable there until closed (POSIX unlink)."""
+    reads it stays readable there until closed (POSIX unlink). A part is downloaded once however
+    many ask for it at a time (the prefetch thread and the reader that catches up with it, or two
+    processes): the download holds an flock on the part's lock file, and whoever waited on it finds
+    the part there."""
 
     def __init__(self):
         self.directory: Optional[str] = None
@@ -402,9 +406,42 @@ class PartCache:
 
     def local_copy(self, path: str) -> str:
         local = self.path_for(path)
-        if os.path.exists(local):
-            os.utime(local)  # most recently used
+        if self._hit(local):
             return local
+        lock = os.path.join(self.directory, ".lock-" + os.path.basename(local))
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # released when closed, also if this process dies
+            if self._hit(local):  # downloaded while we waited
+                return local
+            try:
+                self._download(path, local)
+            finally:
+                # The downloader removes the lock file (one per part would pile up over a long
+                # run); whoever still waits on it then finds the part (after a failure: tries itself).
+                try:
+                    os.unlink(lock)
+                except FileNotFoundError:
+                    pass
+        self.evict(keep=local)
+        return local
+
+    def prefetch(self, path: str) -> None:
+        """local_copy in a background thread: a part that cannot be fetched is left to the reader,
+        which counts it (no traceback from the thread)."""
+        try:
+            self.local_copy(path)
+        except Exception:
+            pass
+
+    @staticmethod
+    def _hit(local: str) -> bool:
+        try:
+            os.utime(local)  # most recently used
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _download(self, path: str, local: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as out, io.BufferedReader(RemoteReader(path)) as src:
@@ -418,8 +455,6 @@ class PartCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        self.evict(keep=local)
-        return local
 
     def evict(self, keep: str) -> None:
         """Remove least recently used parts until the cache holds at most max_bytes (the part just
@@ -427,7 +462,7 @@ class PartCache:
         with self._lock:
             entries = []
             for name in os.listdir(self.directory):
-                if name.startswith(".part-"):
+                if name.startswith("."):  # a download in progress (.part-*) or a lock file (.lock-*)
                     continue
                 full = os.path.join(self.directory, name)
                 try:
