@@ -57,6 +57,26 @@ def test_carried_records_that_no_longer_decode_are_skipped_and_counted(tmp_path)
     assert counted >= elongated, f"{elongated} carried records over 1.4:1, {counted} counted"
 
 
+def test_carried_records_of_a_part_cut_since_are_counted_not_a_crash(tmp_path):
+    """A part cut short after the checkpoint (its gzip stream ends early): the resumed worker counts
+    the queued records it held as truncated_part; it used to die on the EOFError, on every re-run."""
+    file_list, parts = elongated_data(tmp_path)
+    progress = StreamProgress(1, 0)
+    for batch in bucketed(file_list, 3.5):
+        progress.update(pack_bookkeeping(batch))
+        carry = progress.state_dict()["workers"]["0"].get("carry", [])
+        if carry:
+            break
+    state = json.loads(json.dumps(progress.state_dict()))
+    with open(carry[0][0], "r+b") as f:
+        f.truncate(50)
+    resumed = bucketed(file_list, 3.5)
+    resumed.resume(state, 0)
+    skips = dict(zip(SKIP_REASONS, next(iter(resumed))["skips"].tolist()))
+    held = sum(part == carry[0][0] for part, _, _ in carry)
+    assert skips["truncated_part"] >= held and skips["missing_part"] == 0, skips
+
+
 def test_a_fifo_a_device_or_a_folder_listed_as_a_part_is_skipped_not_opened(tmp_path):
     parts = make_parts(tmp_path, 2, 3)
     fifo = str(tmp_path / "part-fifo.gz")

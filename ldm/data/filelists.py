@@ -299,6 +299,6 @@ def read_lines(wanted: Iterable[Tuple[str, int]]) -> Dict[Tuple[str, int], bytes
                         found[(part, n)] = raw
                     if n >= last:
                         break
-            except PartUnreadable:  # the lines not found are skipped and counted by the caller
-                pass
+            except (PartUnreadable, EOFError, OSError, zlib.error, isal_zlib.error):
+                pass  # unreadable or cut short since: the lines not found are skipped and counted by the caller
     return found

@@ -34,7 +34,7 @@ import numpy as np
 from ldm.data.buckets import BucketBatcher, make_buckets, stack
 
 from ldm.data.records import SKIP_REASONS, Skip, decode_image, explain_barren, log, parse_line, skips_from_vector
-from ldm.data.filelists import describe_parts, order_fingerprint, part_size, read_file_list, read_lines
+from ldm.data.filelists import describe_parts, order_fingerprint, part_sizes, read_file_list, read_lines
 from ldm.data.shards import CURSOR_FIELDS, PARTS_PER_WINDOW, ShardStream, TAIL_PASS
 
 # Caption-dropout draws made at a time (TextImageStream._caption_dropped).
@@ -349,7 +349,7 @@ class TextImageStream:
             raw = lines.get((part, line))
             try:
                 if raw is None:
-                    raise Skip("missing_part" if part_size(part) < 0 else "truncated_part", f"line {line} can no longer be read")
+                    raise Skip("missing_part" if part_sizes([part])[0] < 0 else "truncated_part", f"line {line} can no longer be read")
                 caption, key, value = self.decode(raw)
             except Skip as e:
                 stream.skips.skip(e.reason, part, line, f"{e} (a record the checkpoint held in its bucket queues)")
