@@ -342,9 +342,15 @@ def test_prepare_writes_complete_parts_to_s3_and_resumes(s3, proxy, tmp_path, ca
     assert sorted(json.loads(line)["caption"] for line in read.stdout.splitlines()) == sorted(expect.captions)
 
 
-def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path):
-    """ldm.split, ldm.report and ldm.cache_latents take an s3:// --file_list."""
-    from ldm.data import report, split
+def test_data_tools_read_remote_lists(s3, vae_dir, tmp_path, monkeypatch):
+    """ldm.split, ldm.report and ldm.cache_latents take an s3:// --file_list; python -m ldm.data
+    reads through --cache_dir as the training scripts do."""
+    from ldm.data import report, split, storage
+    from ldm.data.__main__ import main as list_records
+
+    monkeypatch.setattr(storage, "_cache", storage.PartCache())  # the cache is this test's alone
+    assert list_records(["--file_list", s3["file_list"], "--resolution", "32", "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert sorted(n.split("-", 1)[1] for n in os.listdir(tmp_path / "cache")) == sorted(os.path.basename(p) for p in s3["parts"])
 
     paths, counts = split.split_file_list(s3["file_list"], str(tmp_path / "split"))
     assert counts == {"train": 1, "eval": 1}

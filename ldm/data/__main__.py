@@ -6,6 +6,7 @@ import sys
 
 from ldm.data.records import SKIP_REASONS, SkipCounter, explain_barren, log
 from ldm.data.shards import PARTS_PER_WINDOW
+from ldm.data.storage import use_part_cache
 from ldm.data.stream import TextImageStream
 
 
@@ -48,14 +49,18 @@ def main(argv=None):
     parser.add_argument("--aspect_ratio_buckets", action="store_true", help="Crop each image to the aspect-ratio bucket nearest its own (width/height report the bucket).")
     parser.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (the autoencoder factor x the UNet's downsampling: 64 for ldm_32l).")
     parser.add_argument("--allow_missing_parts", action="store_true", help="Go on when a filelist has no existing part (as the training scripts' flag).")
+    parser.add_argument("--cache_dir", default=None, help="Local directory that keeps whole copies of remote parts (as the training scripts' flag); unset: streamed.")
+    parser.add_argument("--cache_size_gb", type=float, default=100.0, help="Bound of --cache_dir in GiB (as the training scripts' flag).")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")
-    for flag in ("resolution", "shuffle_buffer", "parts_per_window", "bucket_step"):
+    for flag in ("resolution", "shuffle_buffer", "parts_per_window", "bucket_step", "cache_size_gb"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
     if args.max_aspect_ratio is not None and args.max_aspect_ratio < 1:
         parser.error(f"--max_aspect_ratio must be >= 1 (longer side over shorter), got {args.max_aspect_ratio}")
+    if args.cache_dir:
+        use_part_cache(args.cache_dir, args.cache_size_gb)
     try:
         read, skips = inspect_pass(args.file_list, args.resolution, args.rank, args.world_size, max(1, args.num_workers), args.seed,
                                    args.shuffle_buffer, parts_per_window=args.parts_per_window, max_aspect_ratio=args.max_aspect_ratio,
