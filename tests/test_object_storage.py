@@ -225,6 +225,24 @@ def test_part_cache_is_bounded_lru(s3, tmp_path, monkeypatch):
     assert not skips
 
 
+def test_part_cache_removes_orphaned_downloads_at_start(tmp_path, capfd):
+    """A process killed mid-download leaves its temporary file; the next start-up with the same
+    --cache_dir removes it once it is older than a live download can be idle, and nothing else."""
+    from ldm.data import storage
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = time.time() - storage.ORPHAN_AGE_S - 60
+    (cache / ".part-orphan").write_bytes(b"x" * 1000)
+    os.utime(cache / ".part-orphan", (old, old))
+    (cache / ".part-live").write_bytes(b"x" * 1000)  # another process's download in progress
+    (cache / "0123456789abcdef-part-00000.gz").write_bytes(b"x" * 1000)  # a complete part, least recently used
+    os.utime(cache / "0123456789abcdef-part-00000.gz", (old, old))
+    storage.PartCache().configure(str(cache), 1 << 30)
+    assert sorted(os.listdir(cache)) == [".part-live", "0123456789abcdef-part-00000.gz"]
+    assert "removed .part-orphan" in capfd.readouterr().err
+
+
 def test_part_cache_downloads_a_part_once(s3, proxy, tmp_path, monkeypatch):
     """--cache_dir: the prefetch of the next group and a reader that catches up with it download
     the part once (the reader waits for it); a part that cannot be fetched is counted by the

@@ -54,6 +54,8 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 # Concurrent metadata requests where a store has no listing (HTTP: one HEAD per part).
 METADATA_THREADS = 32
+# A --cache_dir download not written to for this long belongs to a process that was killed.
+ORPHAN_AGE_S = 600
 
 
 def log(message: str) -> None:
@@ -400,6 +402,24 @@ class PartCache:
         self.max_bytes = max_bytes
         if directory:
             os.makedirs(directory, exist_ok=True)
+            self.remove_orphans()
+
+    def remove_orphans(self) -> None:
+        """Delete the half-downloaded parts of processes killed mid-download (a preempted run leaves
+        one per reading process, as large as a part, outside the bound and never read): temporary
+        files not written to for ORPHAN_AGE_S. A live download writes every few seconds (its
+        longest pause is one retry's backoff, 30 s), so it is never taken for one."""
+        now = time.time()
+        for name in os.listdir(self.directory):
+            if not name.startswith(".part-"):
+                continue
+            full = os.path.join(self.directory, name)
+            try:
+                if now - os.stat(full).st_mtime > ORPHAN_AGE_S:
+                    os.unlink(full)
+                    log(f"--cache_dir: removed {name}, left half-downloaded by a process that stopped")
+            except FileNotFoundError:
+                pass  # finished or removed by another process meanwhile
 
     def path_for(self, path: str) -> str:
         return os.path.join(self.directory, hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + path.rsplit("/", 1)[-1])
