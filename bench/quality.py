@@ -50,7 +50,7 @@ from ldm.data.sample_data import COLOURS, POSITIONS, SCORES, SHAPES, caption_for
 
 RESOLUTION = 32
 # Each preset's default budget: tiny's fits 3 seeds in ~13 minutes on 2 idle cores; demo's is
-# make demo's own (~12 minutes a seed, estimated).
+# make demo's own (~11.5 minutes a seed on 2 idle cores, 124 samples included).
 BUDGETS = {"tiny": {"vae_steps": 200, "ldm_steps": 1000, "num_parts": 4},
            "demo": {"vae_steps": DEMO_VAE_STEPS, "ldm_steps": DEMO_LDM_STEPS, "num_parts": DEMO_PARTS}}
 
