@@ -408,7 +408,7 @@ class PartCache:
         """Delete the half-downloaded parts of processes killed mid-download (a preempted run leaves
         one per reading process, as large as a part, outside the bound and never read): temporary
         files not written to for ORPHAN_AGE_S. A live download writes every few seconds (its
-        longest pause is one retry's backoff, 30 s), so it is never taken for one."""
+        longest pauses: a retry's backoff, 30 s, and a read timeout), so it is never taken for one."""
         now = time.time()
         for name in os.listdir(self.directory):
             if not name.startswith(".part-"):

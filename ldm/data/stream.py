@@ -345,11 +345,15 @@ class TextImageStream:
         deleted or cut, cached moments gone, ...) is skipped and counted, never a crash that
         would kill the worker again on every re-run."""
         lines = read_lines((part, line) for part, line, _ in stream.carry)
+        # Missing or cut short? One size lookup for all the parts with lines gone (for remote
+        # parts that is a listing of their directory, not one request per record).
+        gone = sorted({part for part, line, _ in stream.carry if (part, line) not in lines})
+        sizes = dict(zip(gone, part_sizes(gone))) if gone else {}
         for part, line, draw in stream.carry:
             raw = lines.get((part, line))
             try:
                 if raw is None:
-                    raise Skip("missing_part" if part_sizes([part])[0] < 0 else "truncated_part", f"line {line} can no longer be read")
+                    raise Skip("missing_part" if sizes[part] < 0 else "truncated_part", f"line {line} can no longer be read")
                 caption, key, value = self.decode(raw)
             except Skip as e:
                 stream.skips.skip(e.reason, part, line, f"{e} (a record the checkpoint held in its bucket queues)")
