@@ -15,10 +15,12 @@ from ldm.data.stream import TextImageStream
 # ---------------------------------------------------------------------------
 
 
-def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=sys.stdout,
+def inspect_pass(file_list, resolution, rank, world_size, num_workers, seed=0, buffer_size=1000, out=None,
                  parts_per_window=PARTS_PER_WINDOW, max_aspect_ratio=None, aspect_ratio_buckets=False, bucket_step=64,
                  allow_missing_parts=False):
-    """Print the pass-0 records of each of the rank's workers; return the number read and summed skip counts."""
+    """Print the pass-0 records of each of the rank's workers (to `out`, default the sys.stdout of
+    the call, not of the import); return the number read and summed skip counts."""
+    out = out or sys.stdout
     stream = TextImageStream(file_list, resolution, seed=seed, buffer_size=buffer_size, rank=rank, world_size=world_size,
                              parts_per_window=parts_per_window, max_aspect_ratio=max_aspect_ratio,
                              aspect_ratio_buckets=aspect_ratio_buckets, bucket_step=bucket_step, allow_missing_parts=allow_missing_parts)
