@@ -57,17 +57,23 @@ def test_carried_records_that_no_longer_decode_are_skipped_and_counted(tmp_path)
     assert counted >= elongated, f"{elongated} carried records over 1.4:1, {counted} counted"
 
 
-def test_carried_records_of_a_part_cut_since_are_counted_not_a_crash(tmp_path):
-    """A part cut short after the checkpoint (its gzip stream ends early): the resumed worker counts
-    the queued records it held as truncated_part; it used to die on the EOFError, on every re-run."""
-    file_list, parts = elongated_data(tmp_path)
+def state_with_carry(file_list):
+    """(a bucketed run's checkpoint state as saved, its worker's carry): taken at the first batch
+    after which the worker's bucket queues hold records."""
     progress = StreamProgress(1, 0)
     for batch in bucketed(file_list, 3.5):
         progress.update(pack_bookkeeping(batch))
         carry = progress.state_dict()["workers"]["0"].get("carry", [])
         if carry:
-            break
-    state = json.loads(json.dumps(progress.state_dict()))
+            return json.loads(json.dumps(progress.state_dict())), carry
+    raise AssertionError("no batch left records in the bucket queues")
+
+
+def test_carried_records_of_a_part_cut_since_are_counted_not_a_crash(tmp_path):
+    """A part cut short after the checkpoint (its gzip stream ends early): the resumed worker counts
+    the queued records it held as truncated_part; it used to die on the EOFError, on every re-run."""
+    file_list, parts = elongated_data(tmp_path)
+    state, carry = state_with_carry(file_list)
     with open(carry[0][0], "r+b") as f:
         f.truncate(50)
     resumed = bucketed(file_list, 3.5)

@@ -281,10 +281,9 @@ def test_part_cache_downloads_a_part_once(s3, proxy, tmp_path, monkeypatch):
 def test_resumed_bucketed_stream_names_a_cut_remote_part_truncated(s3, tmp_path):
     """A bucketed checkpoint's queued records re-read from S3 after their part was cut short: each
     is counted as truncated_part (the part is there, the line is not), not as missing_part."""
-    from test_data_guards import bucketed, elongated_data
+    from test_data_guards import bucketed, elongated_data, state_with_carry
 
     from ldm.data import storage
-    from ldm.data.progress import StreamProgress, pack_bookkeeping
     from ldm.data.records import SKIP_REASONS
 
     _, local_parts = elongated_data(tmp_path)
@@ -296,14 +295,8 @@ def test_resumed_bucketed_stream_names_a_cut_remote_part_truncated(s3, tmp_path)
     fs.pipe_file(f"{BUCKET}/elongated/a.list", f"s3://{BUCKET}/elongated/a.filelist\n".encode())
     file_list = f"s3://{BUCKET}/elongated/a.list"
 
-    progress = StreamProgress(1, 0)
-    for batch in bucketed(file_list, 3.5):
-        progress.update(pack_bookkeeping(batch))
-        carry = progress.state_dict()["workers"]["0"].get("carry", [])
-        if carry:
-            break
-    state = json.loads(json.dumps(progress.state_dict()))
-    part, line, _ = carry[0]
+    state, carry = state_with_carry(file_list)
+    part = carry[0][0]
     with open(local_parts[remote_parts.index(part)], "rb") as f:
         fs.pipe_file(part[5:], f.read()[:50])  # the part cut short: its header and no whole record
     resumed = bucketed(file_list, 3.5)
